@@ -1,0 +1,70 @@
+"""The ``lorenza_kernels`` torch.library namespace: every schema, declared once, with its fake.
+
+Each op is a ``torch.library.custom_op`` whose body hands the call to the backend registry
+(``_registry.dispatch``), which picks the implementation for the device of the op's tensors. The
+fake implementations check shapes with ``torch._check`` and allocate outputs, so the ops work on
+the meta device and under ``torch.compile``.
+
+Seeds travel as int64: the public API maps a seed in [0, 2^64) to its two's-complement int64, and
+the kernels read the same 64 bits back as an unsigned key.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _registry
+from ._shapes import matrix_dims
+
+
+def _device_type(tensors: list[torch.Tensor]) -> str:
+    return tensors[0].device.type if tensors else "cpu"
+
+
+# --- seeded perturbation regeneration (kernels.md section 1) -------------------------------------
+
+
+@torch.library.custom_op(
+    "lorenza_kernels::seeded_axpby_",
+    mutates_args=("tensors",),
+    schema="(Tensor(a!)[] tensors, int seed, float[] alpha, float[] beta, int first_stream, "
+    "Tensor[]? row_vectors=None, float[]? gamma=None) -> Tensor",
+)
+def seeded_axpby_(
+    tensors: list[torch.Tensor],
+    seed: int,
+    alpha: list[float],
+    beta: list[float],
+    first_stream: int,
+    row_vectors: list[torch.Tensor] | None = None,
+    gamma: list[float] | None = None,
+) -> torch.Tensor:
+    return _registry.dispatch(
+        "seeded_axpby_", _device_type(tensors), tensors, seed, alpha, beta, first_stream, row_vectors, gamma
+    )
+
+
+@seeded_axpby_.register_fake
+def _(tensors, seed, alpha, beta, first_stream, row_vectors=None, gamma=None):
+    n = len(tensors)
+    torch._check(len(alpha) == n, lambda: f"alpha: expected {n} values, got {len(alpha)}")
+    torch._check(len(beta) == n, lambda: f"beta: expected {n} values, got {len(beta)}")
+    if row_vectors is not None:
+        torch._check(len(row_vectors) == n, lambda: f"row_vectors: expected {n} tensors, got {len(row_vectors)}")
+        torch._check(gamma is not None and len(gamma) == n, lambda: f"gamma: expected {n} values")
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
+@torch.library.custom_op(
+    "lorenza_kernels::seeded_colsum",
+    mutates_args=(),
+    schema="(Tensor[] tensors, int seed, int first_stream) -> Tensor[]",
+)
+def seeded_colsum(tensors: list[torch.Tensor], seed: int, first_stream: int) -> list[torch.Tensor]:
+    return _registry.dispatch("seeded_colsum", _device_type(tensors), tensors, seed, first_stream)
+
+
+@seeded_colsum.register_fake
+def _(tensors, seed, first_stream):
+    return [torch.empty(matrix_dims(t)[1], dtype=torch.float32, device=t.device) for t in tensors]
