@@ -8,6 +8,7 @@ validate tensors, pass those, and register the functions as the CPU and CUDA imp
 
 from __future__ import annotations
 
+import importlib
 import os
 
 _C = None
@@ -17,7 +18,7 @@ if os.environ.get("LORENZA_KERNELS_NO_EXT", "") not in ("", "0"):
     error = "disabled by LORENZA_KERNELS_NO_EXT"
 else:
     try:
-        from . import _C  # type: ignore[no-redef]
+        _C = importlib.import_module("lorenza_kernels._C")
     except ImportError as exc:  # built without the extension, or a broken build
         error = f"{type(exc).__name__}: {exc}"
 

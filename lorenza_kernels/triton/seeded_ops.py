@@ -1,0 +1,1 @@
+"""Triton seeded ops (in progress)."""
