@@ -1,0 +1,3 @@
+"""lorenza: memory-efficient optimizers for LLM fine-tuning, built on lorenza_kernels."""
+
+__version__ = "0.1.0"
