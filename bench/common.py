@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -59,25 +60,49 @@ def measure(
     return statistics.median(times), q(0.2), q(0.8)
 
 
-def extra_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
-    """Peak bytes allocated by ``fn`` beyond what was allocated before it (0 for in-place work)."""
+def extra_peak_bytes(
+    fn: Callable[[], object], device: torch.device | str, setup: Callable[[], object] | None = None
+) -> int:
+    """Peak bytes allocated during ``fn`` beyond what was allocated when it started.
+
+    GPU: the CUDA allocator's statistics. CPU: the profiler's allocation events; the profiler
+    cannot see the release of memory allocated before profiling began, so ``setup`` (run inside
+    the profiled region, before ``fn``) must (re)create whatever ``fn`` replaces or frees, e.g.
+    fresh copies of parameters that an out-of-place update swaps for new tensors.
+    """
     device = torch.device(device)
     if device.type == "cuda":
+        if setup is not None:
+            setup()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize()
         return max(0, torch.cuda.max_memory_allocated(device) - before)
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
+        if setup is not None:
+            setup()
+        with record_function("__extra_peak_bytes__"):
+            fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mark = next(e for e in events if e.get("name") == "__extra_peak_bytes__")
+    t0, t1 = mark["ts"], mark["ts"] + mark.get("dur", 0)
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    base = 0
+    peak = 0
+    for e in memory:
+        total = e["args"].get("Total Allocated", 0)
+        if e["ts"] < t0:
+            base = total
+        elif e["ts"] <= t1:
+            peak = max(peak, total - base)
     return int(peak)
 
 

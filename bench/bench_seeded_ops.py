@@ -1,0 +1,129 @@
+"""seeded_axpby_ against what MeZO users have today, and against the bandwidth roof.
+
+Providers, on one list of tensors shaped like a transformer's parameters:
+  mezo         torch.manual_seed, then per tensor z = torch.normal(...) into a new tensor and an
+               out-of-place update p = p + alpha z (MeZO's perturbation; github.com/princeton-nlp/MeZO)
+  mezo_inplace the same with p.add_(z, alpha=alpha)
+  ours[<be>]   lorenza_kernels.seeded_axpby_ forced to backend <be> (one pass, noise never stored)
+  roof         p.add_(1.0) over the same list: one read and one write of every byte
+
+Each row: median/p20/p80 ms, elements/s, effective GB/s (2 x bytes of the list per pass, for every
+provider, so they compare), the fraction of the roof, the speedup over `mezo`, and the extra peak
+memory of the call (allocations beyond the parameters themselves).
+
+  python bench/bench_seeded_ops.py [--quick] [--device cpu|cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import lorenza_kernels as lk  # noqa: E402
+from lorenza_kernels import _registry  # noqa: E402
+
+
+def transformer_like(d: int, blocks: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    """Per block: q, k, v, o (d x d), SwiGLU gate/up (f x d) and down (d x f), two norms (d)."""
+    f = (8 * d // 3 + 63) // 64 * 64
+    shapes = []
+    for _ in range(blocks):
+        shapes += [(d, d)] * 4 + [(f, d), (f, d), (d, f), (d,), (d,)]
+    return [torch.randn(s, device=device).to(dtype) for s in shapes]
+
+
+def sizes(device: str, quick: bool) -> tuple[int, int]:
+    if device == "cuda":
+        return (1024, 8) if quick else (2048, 24)  # 24 x 2048: 1.2e9 elements, 2.4 GB in bf16
+    return (256, 8) if quick else (512, 24)  # 24 x 512: 7.6e7 elements on the CPU
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--backends", default=None, help="comma list; default: every non-reference backend here")
+    p.add_argument("--with-reference", action="store_true", help="also time the (slow) reference")
+    args = p.parse_args()
+    device = args.device
+    d, blocks = sizes(device, args.quick)
+    rep = 5 if args.quick else 10
+    report = common.Report("seeded_axpby_", device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    backends = args.backends.split(",") if args.backends else [
+        b for b in lk.available_backends("seeded_axpby_")["seeded_axpby_"].get(device, []) if b != "reference"
+    ]
+    if args.with_reference:
+        backends.append("reference")
+    alpha, seed = 1e-3, 1234
+
+    for name in args.dtypes.split(","):
+        dtype = dtypes[name]
+        params = transformer_like(d, blocks, dtype, device)
+
+        def fresh_params():
+            # Out-of-place providers swap tensors; the memory probe must see them allocated.
+            params[:] = [t.clone() for t in params]
+
+        numel = sum(t.numel() for t in params)
+        nbytes = 2 * sum(t.numel() * t.element_size() for t in params)
+        case = f"{name} {len(params)} tensors {numel / 1e6:.1f}M el"
+
+        def mezo():
+            torch.manual_seed(seed)
+            for t in params:
+                z = torch.normal(0.0, 1.0, size=t.shape, device=t.device, dtype=t.dtype)
+                t.data = t.data + alpha * z
+
+        def mezo_inplace():
+            torch.manual_seed(seed)
+            for t in params:
+                z = torch.normal(0.0, 1.0, size=t.shape, device=t.device, dtype=t.dtype)
+                t.add_(z, alpha=alpha)
+
+        def roof():
+            for t in params:
+                t.add_(1.0)
+
+        providers = [("mezo", mezo), ("mezo_inplace", mezo_inplace)]
+        for be in backends:
+            def ours(be=be):
+                with lk.use_backend(be):
+                    lk.seeded_axpby_(params, seed, alpha)
+
+            with lk.use_backend(be):
+                if _registry.select("seeded_axpby_", device)[0] != be:
+                    print(f"skip ours[{be}]: not available on {device}")
+                    continue
+            providers.append((f"ours[{be}]", ours))
+        providers.append(("roof", roof))
+
+        times = {}
+        for prov, fn in providers:
+            times[prov] = common.measure(fn, device, warmup=1 if args.quick else 2, rep=rep)
+        roof_gbs = nbytes / times["roof"][0] / 1e6
+        for prov, fn in providers:
+            t = times[prov]
+            gbs = nbytes / t[0] / 1e6
+            report.add(
+                case,
+                prov,
+                t,
+                **{
+                    "Gel/s": numel / t[0] / 1e6,
+                    "GB/s": gbs,
+                    "of roof": gbs / roof_gbs,
+                    "speedup vs mezo": times["mezo"][0] / t[0],
+                    "extra peak MB": common.extra_peak_bytes(fn, device, setup=fresh_params) / 2**20,
+                },
+            )
+        del params
+    report.finish(args.json)
+
+
+if __name__ == "__main__":
+    main()
