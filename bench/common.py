@@ -73,10 +73,13 @@ def extra_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> in
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    # The raw allocation events, in time order. (Summing each op's self memory at the op's start
+    # is wrong: a Python-level custom op's self memory is its temporaries' frees, a negative
+    # number counted before the allocations, so every custom op read as 0.)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
         peak = max(peak, live)
     return int(peak)
 
