@@ -15,6 +15,7 @@ from . import _ext, _ops, _registry, reference  # noqa: F401  (reference registe
 from . import cpu, cuda, triton  # noqa: F401  (each registers itself when available)
 from ._registry import available as available_backends
 from ._registry import use_backend
+from .projected_adam import moment_transform_, projected_adam_step_, projected_adam_step_batched_
 from .rng import gaussian
 from .seeded_ops import seeded_axpby_, seeded_colsum, seeded_loren_stats
 
@@ -22,6 +23,9 @@ __all__ = [
     "available_backends",
     "backend_info",
     "gaussian",
+    "moment_transform_",
+    "projected_adam_step_",
+    "projected_adam_step_batched_",
     "seeded_axpby_",
     "seeded_colsum",
     "seeded_loren_stats",

@@ -68,3 +68,94 @@ def seeded_colsum(tensors: list[torch.Tensor], seed: int, first_stream: int) -> 
 @seeded_colsum.register_fake
 def _(tensors, seed, first_stream):
     return [torch.empty(matrix_dims(t)[1], dtype=torch.float32, device=t.device) for t in tensors]
+
+
+# --- fused projected Adam and the moment transform (kernels.md section 2) ------------------------
+# Lists so that one call updates a batch of same-shape layers; the public API (projected_adam.py)
+# validates everything before these run, the fakes only re-check the shapes.
+
+
+def _projected_shapes(p: torch.Tensor, q: torch.Tensor, side: str) -> tuple[tuple[int, int], int, tuple[int, int]]:
+    """((m, n), r, moment shape) of one layer."""
+    m, n = matrix_dims(p)
+    r = q.shape[-1]
+    return (m, n), r, ((r, n) if side == "left" else (m, r))
+
+
+@torch.library.custom_op(
+    "lorenza_kernels::projected_adam_step_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs"),
+    schema="(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, int[] steps, float lr, float beta1, float beta2, float eps, "
+    "float weight_decay, float scale, str side, float residual_scale) -> ()",
+)
+def projected_adam_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    projs: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    side: str,
+    residual_scale: float,
+) -> None:
+    _registry.dispatch(
+        "projected_adam_step_", _device_type(params), params, grads, projs, exp_avgs, exp_avg_sqs, steps,
+        lr, beta1, beta2, eps, weight_decay, scale, side, residual_scale,
+    )  # fmt: skip
+
+
+@projected_adam_step_.register_fake
+def _(params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
+      residual_scale):  # fmt: skip
+    k = len(params)
+    for name, xs in (("grads", grads), ("projs", projs), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        torch._check(len(xs) == k, lambda name=name, xs=xs: f"{name}: expected {k} tensors, got {len(xs)}")
+    torch._check(len(steps) == k, lambda: f"steps: expected {k} values, got {len(steps)}")
+    torch._check(side in ("left", "right"), lambda: f"side: expected 'left' or 'right', got {side!r}")
+    for i, (p, g, q, ma, va) in enumerate(zip(params, grads, projs, exp_avgs, exp_avg_sqs)):
+        (m, n), r, mshape = _projected_shapes(p, q, side)
+        torch._check(g.shape == p.shape, lambda i=i: f"grads[{i}]: shape must equal params[{i}]'s")
+        rows = m if side == "left" else n
+        torch._check(q.dim() == 2 and q.shape[0] == rows, lambda i=i: f"projs[{i}]: expected ({rows}, r)")
+        torch._check(tuple(ma.shape) == mshape, lambda i=i: f"exp_avgs[{i}]: expected shape {mshape}")
+        torch._check(tuple(va.shape) == mshape, lambda i=i: f"exp_avg_sqs[{i}]: expected shape {mshape}")
+
+
+@torch.library.custom_op(
+    "lorenza_kernels::moment_transform_",
+    mutates_args=("exp_avgs", "exp_avg_sqs"),
+    schema="(Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, Tensor[] proj_olds, Tensor[] proj_news, "
+    "str side, str transform) -> ()",  # not "mode": torch's dispatch-mode machinery takes that name
+)
+def moment_transform_(
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    proj_olds: list[torch.Tensor],
+    proj_news: list[torch.Tensor],
+    side: str,
+    transform: str,
+) -> None:
+    _registry.dispatch(
+        "moment_transform_", _device_type(exp_avgs), exp_avgs, exp_avg_sqs, proj_olds, proj_news, side, transform
+    )
+
+
+@moment_transform_.register_fake
+def _(exp_avgs, exp_avg_sqs, proj_olds, proj_news, side, transform):
+    k = len(exp_avgs)
+    for name, xs in (("exp_avg_sqs", exp_avg_sqs), ("proj_olds", proj_olds), ("proj_news", proj_news)):
+        torch._check(len(xs) == k, lambda name=name, xs=xs: f"{name}: expected {k} tensors, got {len(xs)}")
+    torch._check(side in ("left", "right"), lambda: f"side: expected 'left' or 'right', got {side!r}")
+    torch._check(transform in ("rotate", "keep", "reset"), lambda: f"mode: unknown mode {transform!r}")
+    for i, (ma, va, qo, qn) in enumerate(zip(exp_avgs, exp_avg_sqs, proj_olds, proj_news)):
+        torch._check(va.shape == ma.shape, lambda i=i: f"exp_avg_sqs[{i}]: shape must equal exp_avgs[{i}]'s")
+        torch._check(qo.shape == qn.shape, lambda i=i: f"proj_news[{i}]: shape must equal proj_olds[{i}]'s")
+        r = qo.shape[-1]
+        torch._check(ma.shape[0 if side == "left" else 1] == r, lambda i=i: f"exp_avgs[{i}]: rank must be {r}")

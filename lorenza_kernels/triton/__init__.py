@@ -12,3 +12,6 @@ DEVICE_TYPES: tuple[str, ...] = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 if AVAILABLE:
     from . import seeded_ops  # noqa: F401
+
+if AVAILABLE:
+    from . import projected_adam  # noqa: E402,F401

@@ -1,0 +1,295 @@
+"""projected_adam_step_ and moment_transform_: every backend against the reference, and the
+reference against torch.optim.AdamW itself (identity basis, scale 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorenza_kernels as lk
+from conftest import TRITON_INTERPRET, dtype_id, require_backend
+
+OP = "projected_adam_step_"
+SIDES = ("left", "right")
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, scale=0.25)
+FAST = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("triton", id="triton-interp", marks=pytest.mark.triton_interpret),
+]
+
+
+def _basis(d: int, r: int, dtype=F32) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(d, r, dtype=torch.float64))[0].to(dtype)
+
+
+def _layer(shape, r, side, pdt=F32, mdt=F32, qdt=None):
+    """Fresh random (param, proj, exp_avg, exp_avg_sq) for a param of ``shape`` (shape[0] x rest)."""
+    m = shape[0]
+    n = torch.Size(shape[1:]).numel()
+    q = _basis(m if side == "left" else n, r, qdt or pdt)
+    mshape = (r, n) if side == "left" else (m, r)
+    return torch.randn(shape).to(pdt), q, torch.randn(mshape).to(mdt) * 0.1, torch.rand(mshape).to(mdt) * 0.01
+
+
+def _tol(dtype: torch.dtype, ulps: float = 1.0) -> dict:
+    if dtype == F32:
+        return dict(atol=2e-6, rtol=2e-5)
+    return dict(atol=1e-5, rtol=ulps * torch.finfo(dtype).eps)  # 1 ulp: both round the same fp32 value
+
+
+def _run(backend, w, q, ma, va, grads, steps, side, rs):
+    with lk.use_backend(backend):
+        for step, g in zip(steps, grads):
+            lk.projected_adam_step_(w, g, q, ma, va, step=step, side=side, residual_scale=rs, **HYPER)
+
+
+CASES = [
+    pytest.param(side, pdt, mdt, qdt, rs, id=f"{side}-p{dtype_id(pdt)}-m{dtype_id(mdt)}-q{dtype_id(qdt)}-rs{rs}")
+    for side in SIDES
+    for pdt, qdt in ((F32, F32), (BF16, BF16), (F16, F16), (BF16, F32))
+    for mdt in (F32, BF16)
+    for rs in (0.0, 0.5)
+]
+
+
+def _check_against_reference(backend, side, pdt, mdt, qdt, rs, shape, r, n_steps, ulps):
+    """Steps 1..n_steps; before each, the reference restarts from the backend's state, so a
+    one-ulp rounding difference is not amplified by later steps (bf16 moments near 0 would)."""
+    require_backend(OP, backend, "cpu")
+    w, q, ma, va = _layer(shape, r, side, pdt, mdt, qdt)
+    for step in range(1, n_steps + 1):
+        g = torch.randn(shape).to(pdt)
+        ref = [t.clone() for t in (w, ma, va)]
+        _run("reference", ref[0], q, ref[1], ref[2], [g], [step], side, rs)
+        _run(backend, w, q, ma, va, [g], [step], side, rs)
+        torch.testing.assert_close(w, ref[0], **_tol(pdt, ulps))
+        torch.testing.assert_close(ma, ref[1], **_tol(mdt, ulps))
+        torch.testing.assert_close(va, ref[2], **_tol(mdt, ulps))
+
+
+@pytest.mark.parametrize("blocks", ["one-block", "tiny-blocks"])
+@pytest.mark.parametrize("side,pdt,mdt,qdt,rs", CASES)
+def test_cpu_matches_reference(side, pdt, mdt, qdt, rs, blocks, monkeypatch):
+    # 3-D param: viewed as 19 x 15. Three steps so bias correction and moments both matter.
+    # Tiny blocks: 4 rows (columns) per block of W / G and 7 elements per Adam chunk, with
+    # partial last blocks, so that the blocking of every pass is exercised at this size.
+    if blocks == "tiny-blocks":
+        from lorenza_kernels.cpu import projected_adam as cpu_impl
+
+        monkeypatch.setattr(cpu_impl, "_BLOCK_BYTES", 16)
+        monkeypatch.setattr(cpu_impl, "_ADAM_CHUNK", 7)
+    _check_against_reference("cpu", side, pdt, mdt, qdt, rs, (19, 3, 5), 4, 3, ulps=1)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("side,pdt,mdt,qdt,rs", [c for c in CASES if c.values[2] == c.values[1] or c.values[1] == F32])
+def test_triton_matches_reference(side, pdt, mdt, qdt, rs):
+    # Odd sizes straddle the interpreter's 32 x 16 tiles. The interpreter rounds fp32 -> bf16
+    # toward zero, not to nearest: one ulp.
+    _check_against_reference("triton", side, pdt, mdt, qdt, rs, (37, 23), 5, 2, ulps=1)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *FAST])
+@pytest.mark.parametrize("side", SIDES)
+def test_identity_basis_is_adamw(backend, side):
+    """Q = I, scale 1: exactly torch.optim.AdamW, parameters and state, every step."""
+    require_backend(OP, backend, "cpu")
+    m, n = 12, 9
+    w = torch.randn(m, n)
+    q = torch.eye(m if side == "left" else n)
+    ma, va = torch.zeros(m, n), torch.zeros(m, n)
+    p = torch.nn.Parameter(w.clone())
+    hyper = dict(HYPER, scale=1.0)
+    opt = torch.optim.AdamW([p], lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"],
+                            weight_decay=hyper["weight_decay"], foreach=False)  # fmt: skip
+    for step in range(1, 6):
+        g = torch.randn(m, n)
+        p.grad = g.clone()
+        opt.step()
+        with lk.use_backend(backend):
+            lk.projected_adam_step_(w, g, q, ma, va, step=step, side=side, residual_scale=0.7, **hyper)
+        st = opt.state[p]
+        torch.testing.assert_close(w, p.detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ma, st["exp_avg"], atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(va, st["exp_avg_sq"], atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *FAST])
+@pytest.mark.parametrize("side", SIDES)
+def test_batched_equals_looped(backend, side):
+    require_backend(OP, backend, "cpu")
+    layers = [_layer((10, 2, 7), 3, side) for _ in range(3)]
+    grads = [torch.randn(10, 2, 7) for _ in layers]
+    steps = [1, 4, 2]
+    looped = [[t.clone() for t in layer] for layer in layers]
+    with lk.use_backend(backend):
+        for (w, q, ma, va), g, s in zip(looped, grads, steps):
+            lk.projected_adam_step_(w, g, q, ma, va, step=s, side=side, residual_scale=0.5, **HYPER)
+        listed = [[t.clone() for t in layer] for layer in layers]
+        ws, qs, mas, vas = (list(x) for x in zip(*listed))
+        lk.projected_adam_step_batched_(ws, grads, qs, mas, vas, step=steps, side=side, residual_scale=0.5, **HYPER)
+        stacked = [torch.stack([layer[k] for layer in layers]) for k in range(4)]
+        lk.projected_adam_step_batched_(stacked[0], torch.stack(grads), *stacked[1:], step=steps, side=side,
+                                        residual_scale=0.5, **HYPER)  # fmt: skip
+    for i, want in enumerate(looped):
+        for k in (0, 2, 3):  # param, exp_avg, exp_avg_sq: the same kernels, so bit for bit
+            torch.testing.assert_close(listed[i][k], want[k], atol=0, rtol=0)
+            # Views into one stacked tensor are not 64-byte aligned and MKL's GEMM blocking
+            # depends on alignment: equal to rounding only.
+            torch.testing.assert_close(stacked[k][i], want[k], atol=1e-7, rtol=1e-6)
+
+
+def test_empty_param_is_a_no_op():
+    w, q = torch.empty(4, 0), _basis(4, 2)
+    ma, va = torch.empty(2, 0), torch.empty(2, 0)
+    for backend in ("reference", "cpu"):
+        with lk.use_backend(backend):
+            lk.projected_adam_step_(w, w.clone(), q, ma, va, step=1, lr=0.1, side="left")
+
+
+# --- moment transform ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mdt", [F32, BF16], ids=dtype_id)
+@pytest.mark.parametrize("side", SIDES)
+def test_rotate(side, mdt):
+    d, r, other = 16, 5, 7
+    q_old, q_new = _basis(d, r), _basis(d, r)
+    shape = (r, other) if side == "left" else (other, r)
+    ma, va = torch.randn(shape).to(mdt), torch.rand(shape).to(mdt)
+    m0, v0 = ma.clone(), va.clone()
+    lk.moment_transform_(ma, va, q_old, q_old.clone(), side=side, mode="rotate")  # same basis
+    torch.testing.assert_close(ma, m0, **_tol(mdt, 1) if mdt != F32 else dict(atol=1e-6, rtol=1e-5))
+    torch.testing.assert_close(va, v0, **_tol(mdt, 1) if mdt != F32 else dict(atol=1e-6, rtol=1e-5))
+    lk.moment_transform_(ma, va, q_old, q_new, side=side, mode="rotate")
+    o = q_new.t() @ q_old
+    want_m = o @ m0.float() if side == "left" else m0.float() @ o.t()
+    want_v = (o * o) @ v0.float() if side == "left" else v0.float() @ (o * o).t()
+    torch.testing.assert_close(ma.float(), want_m, **_tol(mdt, 2) if mdt != F32 else {})
+    torch.testing.assert_close(va.float(), want_v, **_tol(mdt, 2) if mdt != F32 else {})
+    assert (va >= 0).all()
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_keep_and_reset(side):
+    q_old, q_new = _basis(9, 3), _basis(9, 3)
+    shape = (3, 4) if side == "left" else (4, 3)
+    ma, va = torch.randn(shape), torch.rand(shape)
+    m0, v0 = ma.clone(), va.clone()
+    lk.moment_transform_(ma, va, q_old, q_new, side=side, mode="keep")
+    assert torch.equal(ma, m0) and torch.equal(va, v0)
+    lk.moment_transform_(ma, va, q_old, q_new, side=side, mode="reset")
+    assert not ma.any() and not va.any()
+
+
+def test_moment_transform_batched_equals_looped():
+    qs_old, qs_new = torch.stack([_basis(8, 3) for _ in range(3)]), torch.stack([_basis(8, 3) for _ in range(3)])
+    ma, va = torch.randn(3, 3, 5), torch.rand(3, 3, 5)
+    want = [(a.clone(), b.clone()) for a, b in zip(ma, va)]
+    for (a, b), qo, qn in zip(want, qs_old, qs_new):
+        lk.moment_transform_(a, b, qo, qn, side="left")
+    lk.moment_transform_(ma, va, qs_old, qs_new, side="left")
+    for i, (a, b) in enumerate(want):
+        assert torch.equal(ma[i], a) and torch.equal(va[i], b)
+
+
+# --- the torch.library contract ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_opcheck_projected_adam_step(side):
+    layers = [_layer((6, 5), 2, side, BF16) for _ in range(2)]
+    ws, qs, mas, vas = (list(x) for x in zip(*layers))
+    grads = [torch.randn(6, 5).to(BF16) for _ in layers]
+    args = (ws, grads, qs, mas, vas, [1, 3], 0.1, 0.9, 0.999, 1e-8, 0.01, 0.25, side, 0.5)
+    torch.library.opcheck(torch.ops.lorenza_kernels.projected_adam_step_.default, args)
+
+
+@pytest.mark.parametrize("mode", ["rotate", "keep", "reset"])
+def test_opcheck_moment_transform(mode):
+    args = ([torch.randn(3, 5)], [torch.rand(3, 5)], [_basis(7, 3)], [_basis(7, 3)], "left", mode)
+    torch.library.opcheck(torch.ops.lorenza_kernels.moment_transform_.default, args)
+
+
+# --- validation: clear errors naming the argument, nothing modified ------------------------------
+
+
+def _valid(side="left"):
+    w, q, ma, va = _layer((8, 6), 3, side)
+    return dict(param=w, grad=torch.randn(8, 6), proj=q, exp_avg=ma, exp_avg_sq=va, step=1, lr=0.1, side=side)
+
+
+BAD = {
+    "side": (dict(side="up"), "side"),
+    "grad-shape": (dict(grad=torch.randn(8, 5)), "grad"),
+    "grad-device": (dict(grad=torch.randn(8, 6, device="meta")), "grad"),
+    "grad-dtype": (dict(grad=torch.randn(8, 6, dtype=torch.float64)), "grad"),
+    "param-dtype": (dict(param=torch.zeros(8, 6, dtype=torch.int32)), "param"),
+    "param-noncontig": (dict(param=torch.randn(6, 8).t()), "param"),
+    "proj-rows": (dict(proj=_basis(6, 3)), "proj"),
+    "rank-0": (dict(proj=torch.empty(8, 0), exp_avg=torch.empty(0, 6), exp_avg_sq=torch.empty(0, 6)), "proj"),
+    "rank-too-big": (dict(proj=torch.randn(8, 9), exp_avg=torch.zeros(9, 6), exp_avg_sq=torch.zeros(9, 6)), "proj"),
+    "moment-shape": (dict(exp_avg=torch.zeros(6, 3)), "exp_avg"),
+    "moment-dtype": (dict(exp_avg_sq=torch.zeros(3, 6, dtype=F16)), "exp_avg_sq"),
+    "aliased-moments": (dict(exp_avg_sq=None), "must not share memory"),
+    "lr": (dict(lr=-1e-3), "lr"),
+    "eps": (dict(eps=-1e-8), "eps"),
+    "beta1": (dict(beta1=1.0), "beta1"),
+    "beta2": (dict(beta2=-0.5), "beta2"),
+    "weight_decay": (dict(weight_decay=-0.1), "weight_decay"),
+    "lr-nan": (dict(lr=float("nan")), "lr"),
+    "step": (dict(step=0), "step"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_and_leaves_everything_untouched(case):
+    kwargs = _valid()
+    override, needle = BAD[case]
+    kwargs.update(override)
+    if case == "aliased-moments":
+        kwargs["exp_avg_sq"] = kwargs["exp_avg"]
+    before = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=needle):
+        lk.projected_adam_step_(**kwargs)
+    for k, v in before.items():
+        assert torch.equal(kwargs[k], v), f"{k} was modified by a rejected call"
+
+
+def test_bad_batch_raises_and_leaves_everything_untouched():
+    a, b = _valid(), _valid()
+    b["param"] = torch.randn(8, 6).to(BF16)
+    b["grad"] = b["grad"].to(BF16)
+    before = [t.clone() for t in (a["param"], b["param"], a["exp_avg"], b["exp_avg"])]
+    with pytest.raises(ValueError, match=r"params\[1\]"):
+        lk.projected_adam_step_batched_([a["param"], b["param"]], [a["grad"], b["grad"]], [a["proj"], b["proj"]],
+                                        [a["exp_avg"], b["exp_avg"]], [a["exp_avg_sq"], b["exp_avg_sq"]],
+                                        step=1, lr=0.1, side="left")  # fmt: skip
+    with pytest.raises(ValueError, match="step"):
+        lk.projected_adam_step_batched_([a["param"]], [a["grad"]], [a["proj"]], [a["exp_avg"]], [a["exp_avg_sq"]],
+                                        step=[1, 2], lr=0.1, side="left")  # fmt: skip
+    after = (a["param"], b["param"], a["exp_avg"], b["exp_avg"])
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (dict(mode="spin"), "mode"),
+        (dict(side="top"), "side"),
+        (dict(proj_new=_basis(7, 2)), "proj_new"),
+        (dict(exp_avg=torch.zeros(2, 5)), "exp_avg"),
+        (dict(exp_avg_sq=torch.zeros(3, 4)), "exp_avg_sq"),
+        (dict(proj_old=torch.zeros(7, 3, dtype=torch.int64)), "proj_old"),
+    ],
+)
+def test_bad_moment_transform_raises_and_leaves_everything_untouched(override, needle):
+    kwargs = dict(exp_avg=torch.randn(3, 5), exp_avg_sq=torch.rand(3, 5), proj_old=_basis(7, 3),
+                  proj_new=_basis(7, 3), side="left", mode="reset")  # fmt: skip
+    kwargs.update(override)
+    before = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises((ValueError, TypeError), match=needle):
+        lk.moment_transform_(**kwargs)
+    for k, v in before.items():
+        assert torch.equal(kwargs[k], v)
