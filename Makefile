@@ -42,7 +42,7 @@ test-triton:
 	TRITON_INTERPRET=1 $(PYTEST) -m triton_interpret tests
 
 check-cuda:
-	@if [ -n "$(NVCC)" ]; then bash tests/check_nvcc.sh "$(NVCC)"; else echo "check-cuda: no nvcc here, skipped"; fi
+	@if [ -n "$(NVCC)" ]; then PYTHON=$(abspath $(PY)) bash tests/check_nvcc.sh; else echo "check-cuda: no nvcc here, skipped"; fi
 
 check-wheel: deps
 	bash tests/check_wheel.sh "$(PY)"

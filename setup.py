@@ -40,13 +40,19 @@ def _flag(name: str) -> bool | None:
 
 
 def _cuda_home() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and os.path.exists(os.path.join(os.environ[var], "bin", "nvcc")):
-            return os.environ[var]
+    """The first toolkit with both nvcc and the runtime headers: CUDA_HOME, CUDA_PATH, the nvcc on
+    PATH (which may be a wrapper script outside its toolkit), then /usr/local/cuda."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
+            return home
+    return None
 
 
 def _torch_has_cuda() -> bool:
