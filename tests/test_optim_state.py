@@ -83,6 +83,23 @@ def test_per_layer_equals_normal_mode(q):
     torch.testing.assert_close(m_b.unused.detach(), init_unused, atol=1e-6, rtol=0)
 
 
+def test_per_layer_trains_parameters_made_trainable_later():
+    """A parameter frozen at construction has no hook; once trainable it is updated after the
+    backward pass, as in normal mode."""
+    x, y = mlp_data()
+    models = [MLP(seed=5), MLP(seed=5)]
+    opts = []
+    for model, per_layer in zip(models, (False, True)):
+        model.fc2.bias.requires_grad_(False)
+        opts.append(AdaZoSAM(model.parameters(), lr=1e-2, seed=SEED, per_layer=per_layer))
+        model.fc2.bias.requires_grad_(True)
+    for model, opt in zip(models, opts):
+        for _ in range(2):
+            opt.step(mlp_closure(model, x, y))
+    assert not torch.equal(models[1].fc2.bias, MLP(seed=5).fc2.bias)
+    assert_params_equal(params_of(models[0]), params_of(models[1]))
+
+
 SKIP_CASES = [
     ("mezo", 0),  # first probe
     ("mezo", 3),  # last probe (q = 2)
@@ -127,16 +144,17 @@ def test_non_finite_skips_the_step(name, call):
         assert state_after["lorenza"]["step"] == state_before["lorenza"]["step"] + 2  # fresh noise next time
 
 
-def test_bf16_params_keep_dtype_and_fp32_state():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_params_keep_dtype_and_fp32_state(dtype):
     x, y = mlp_data()
     for name in ("mezo", "mezo_adam", "adazo_sam", "loren"):
-        model = MLP(seed=7, dtype=torch.bfloat16)
+        model = MLP(seed=7, dtype=dtype)
         opt = FACTORIES[name](model.groups(), SEED)
         before = params_of(model)
         for _ in range(3):
-            loss = opt.step(mlp_closure(model, x.bfloat16(), y.bfloat16()))
+            loss = opt.step(mlp_closure(model, x.to(dtype), y.to(dtype)))
             assert torch.isfinite(loss)
-        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        assert all(p.dtype == dtype for p in model.parameters())
         assert any(not torch.equal(a, b) for a, b in zip(before, params_of(model)))
         for st in opt.state.values():
             for v in st.values():

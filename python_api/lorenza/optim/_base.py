@@ -21,14 +21,30 @@ What it provides, so that a subclass only writes its mathematics:
   enabled, remove the recorded :class:`Perturbation`, check for non-finite values, and call
   :meth:`_update_param` per parameter. With ``per_layer=True`` it does all of that inside each
   parameter's post-accumulate-grad hook and frees the gradient at once.
-* **Skips**: :meth:`_skip` counts a skipped step and warns once per optimizer.
+* **Skips**: :meth:`_skip` counts a skipped step and warns once per optimizer. A skipped step
+  removes the perturbations by regenerating and subtracting the noise: the parameters are those
+  before the step up to the rounding of that addition and subtraction (bitwise would need a
+  copy of the parameters, which algorithms.md's memory table excludes); the state is untouched.
+
+How a later optimizer plugs in (LORENZA, Lorenza+, GaLore-AdamW):
+
+* subclass :class:`~lorenza.optim.AdaZoSAM` (or this class), add group options to
+  ``group_checks`` and structural ones to ``global_checks``;
+* override :meth:`_apply_noise_` to apply a probe in a subspace (``P = Q U``: draw ``U`` with
+  ``lorenza_kernels.gaussian(R.shape, seed, slot.stream)`` and ``W.addmm_``) and return
+  ``||U||^2`` per slot; :class:`Perturbation` then removes it the same way, per parameter in the
+  per-layer hooks;
+* override :meth:`_update_param` (projected Adam, subspace refresh) and, for LORENZA's step 1,
+  ``AdaZoSAM._wants_ascent``;
+* per-parameter state goes in ``self.state[p]`` (saved and restored with its dtype), global
+  counters in ``self._global`` (saved under ``"lorenza"``); noise that is not a probe (a
+  randomized-SVD sketch) uses ``probe_seed(seed, step, RESERVED_PROBE_BASE + k)``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -36,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from . import _checks
+from ._backward import BackwardPassMixin, _LayerPass
 from ._noise import Perturbation, Slot, seeded_axpby_streams_
 from .closure import as_loss
 
@@ -44,16 +61,7 @@ __all__ = ["LorenzaOptimizer", "Perturbation", "Slot"]
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the seeded kernels write these
 
 
-class _LayerPass:
-    """Bookkeeping of one per-layer backward pass."""
-
-    def __init__(self, perturbation: Perturbation):
-        self.perturbation = perturbation
-        self.ok = True
-        self.seen = 0
-
-
-class LorenzaOptimizer(torch.optim.Optimizer):
+class LorenzaOptimizer(BackwardPassMixin, torch.optim.Optimizer):
     """Base class: see the module docstring. Subclasses set ``group_checks`` and ``global_checks``,
     call ``super().__init__(params, defaults, seed=..., options={...})`` and implement ``step``
     (and :meth:`_update_param` when they take a gradient)."""
@@ -309,87 +317,3 @@ class LorenzaOptimizer(torch.optim.Optimizer):
             self._skip(f"non-finite loss in a zeroth-order probe ({vals})")
             return vals, norms_per_probe, False
         return vals, norms_per_probe, True
-
-    # --- the backward pass, normal or per-layer ---------------------------------------------------
-
-    def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
-        """The update of one parameter from its gradient (after its perturbation is removed)."""
-        raise NotImplementedError(f"{type(self).__name__} takes no gradient")
-
-    def _gradient_pass(self, closure: Callable[[], Any], slots: Sequence[Slot], perturbation: Perturbation) -> torch.Tensor:
-        """Zero the gradients, run the closure with grad enabled, remove ``perturbation`` and update.
-
-        Normal mode: all-or-nothing; a non-finite loss or gradient skips the step. Per-layer mode:
-        each parameter is restored, checked and updated in its hook and its gradient freed there;
-        a non-finite gradient stops the updates of the parameters whose hooks run after it (those
-        that ran before keep theirs: per-layer mode cannot undo them without a copy).
-        """
-        self.zero_grad(set_to_none=True)
-        layer_pass = _LayerPass(perturbation)
-        self._layer_pass = layer_pass if self.per_layer else None
-        try:
-            with torch.enable_grad():
-                loss = as_loss(closure())
-        except BaseException:
-            self._layer_pass = None
-            perturbation.restore()
-            self.zero_grad(set_to_none=True)
-            raise
-        self._layer_pass = None
-        grads = [] if self.per_layer else [s.param.grad for s in slots if s.param.grad is not None]
-        if layer_pass.seen == 0 and not grads:
-            perturbation.restore()
-            raise RuntimeError(
-                "closure: called with gradients enabled it must call loss.backward() (see lorenza.optim.make_closure)"
-            )
-        if self.per_layer:
-            perturbation.restore()  # the parameters the backward pass did not reach
-            if not layer_pass.ok:
-                self._skip("non-finite gradient (per-layer mode: parameters updated before it keep their update)")
-            return loss
-        finite = self._all_finite([loss, *grads])
-        perturbation.restore()
-        if not finite:
-            self._skip("non-finite loss or gradient in the backward pass")
-            return loss
-        for slot in slots:
-            if slot.param.grad is not None:
-                self._update_param(slot, slot.param.grad)
-        return loss
-
-    def _install_hooks(self, params: Sequence[torch.Tensor]) -> None:
-        ref = weakref.ref(self)
-
-        def hook(param: torch.Tensor) -> None:
-            opt = ref()
-            if opt is not None:
-                opt._on_grad_ready(param)
-
-        for p in params:
-            if isinstance(p, torch.Tensor) and p.requires_grad:
-                self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
-
-    def remove_hooks(self) -> None:
-        """Remove the per-layer hooks (the optimizer then works in normal mode)."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
-        self.per_layer = False
-
-    @torch.no_grad()
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
-        layer_pass = self._layer_pass
-        if layer_pass is None:  # a backward outside our step: gradients accumulate as usual
-            return
-        pert = layer_pass.perturbation
-        i = pert.index.get(id(param))
-        if i is None:
-            return
-        pert.restore([i])
-        layer_pass.seen += 1
-        grad = param.grad
-        if layer_pass.ok and grad is not None and bool(torch.isfinite(grad).all()):
-            self._update_param(pert.slots[i], grad)
-        else:
-            layer_pass.ok = False
-        param.grad = None

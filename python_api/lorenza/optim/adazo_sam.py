@@ -34,9 +34,16 @@ class AdaZoSAM(LorenzaOptimizer):
        ``theta -= eps`` (regenerated from the seeds, exact up to rounding);
     4. the AdamW step of ``torch.optim.AdamW`` with ``g`` (``_adam.adamw_update_``).
 
-    ``rho``, ``mu``, ``lr``, ``betas``, ``eps``, ``weight_decay`` are per group; ``eps`` of a group is
-    ``rho_group G_group / ||G||``. When every group has ``rho = 0`` the probes are skipped and the
-    optimizer is AdamW (bitwise on float32 parameters with float32 state).
+    ``rho``, ``mu``, ``lr``, ``betas``, ``eps``, ``weight_decay`` are per group. A group's ``mu``
+    scales its part of the probe and its ``c_j`` (``(L+ - L-) / (2 mu_group)``, the estimate of that
+    group's directional derivative); a group's share of the perturbation is
+    ``rho_group G_group / ||G||``. With one ``mu`` and one ``rho`` this is algorithms.md exactly.
+    When every group has ``rho = 0`` the probes are skipped (they would not move anything) and
+    the optimizer is AdamW: bitwise on float32 parameters with float32 state.
+
+    Under ``torch.distributed`` only the probe losses are reduced here (one all-reduce of ``2 q``
+    scalars per step); the gradient of the backward pass is expected to be averaged by
+    ``DistributedDataParallel`` or FSDP, as for any torch optimizer.
 
     ``per_layer=True``: each parameter is restored (its share of ``eps`` removed), checked,
     updated and its gradient freed in its post-accumulate-grad hook, as soon as the backward pass
@@ -45,7 +52,10 @@ class AdaZoSAM(LorenzaOptimizer):
 
     Non-finite probe loss: perturbation removed, no backward pass, skip counted, one warning.
     Non-finite loss or gradient in the backward pass: ``eps`` removed, no update (per-layer mode:
-    the parameters updated before the first non-finite gradient keep their update).
+    the parameters updated before the first non-finite gradient keep their update). Deviation:
+    "parameters exactly as before" holds up to the rounding of adding and subtracting the
+    regenerated noise (a few ulps); a bitwise restore would need a copy of the parameters, which
+    the memory table of algorithms.md does not allow.
 
     State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (``state_dtype``, float32 by
     default): AdamW's memory. Returns the loss of the backward pass (at ``theta + eps``).
