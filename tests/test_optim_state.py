@@ -192,3 +192,28 @@ def test_lr_scheduler_drives_the_step():
             b.step(mlp_closure(m_b, x, y))
         assert sched.get_last_lr() == [1e-2 * 0.5**4] * 2
         assert_params_equal(params_of(m_a), params_of(m_b))
+
+
+def test_state_layout_matches_the_memory_table():
+    """algorithms.md's table: MeZO none; MeZO-Adam, AdaZo-SAM two moments; LOREN momentum for
+    matrices plus the vectors a; SAM the base optimizer's state (its copies live only in a step)."""
+    x, y = mlp_data()
+    expected = {
+        "mezo": lambda p: set(),
+        "mezo_adam": lambda p: {"step", "exp_avg", "exp_avg_sq"},
+        "adazo_sam": lambda p: {"step", "exp_avg", "exp_avg_sq"},
+        "loren": lambda p: {"a", "momentum_buffer"} if p.dim() >= 2 else {"a"},
+        "sam": lambda p: {"step", "exp_avg", "exp_avg_sq"},
+    }
+    for name, keys in expected.items():
+        model = MLP(seed=10)
+        opt = FACTORIES[name](model.groups(), SEED)
+        opt.step(mlp_closure(model, x, y))
+        state = opt.base_optimizer.state if name == "sam" else opt.state
+        assert not (name == "sam" and any(opt.state.values()))
+        for p in model.parameters():
+            if p is model.unused and name in ("mezo_adam", "adazo_sam", "sam"):
+                continue  # AdamW keeps no state for a parameter that never had a gradient
+            assert set(state.get(p, {})) == keys(p), (name, p.shape)
+            if name == "loren":
+                assert state[p]["a"].shape == (p.shape[-1] if p.dim() == 2 else p.numel(),)

@@ -10,13 +10,13 @@ public functions of :mod:`lorenza_kernels` and never stores it.
 * :class:`Loren`: zeroth-order with a learned low-rank perturbation covariance.
 * :func:`make_closure`: a correct closure from a loss function; :func:`probe_seed`: the seed of
   any probe of any step, to regenerate its noise.
-* :class:`LorenzaOptimizer`: the base class (groups, seeds and streams, probes, per-layer hooks,
+* :class:`SeededOptimizer`: the base class (groups, seeds and streams, probes, per-layer hooks,
   skips, state dict) for further optimizers.
 """
 
 from __future__ import annotations
 
-from ._base import LorenzaOptimizer, Perturbation, Slot
+from ._base import Perturbation, SeededOptimizer, Slot
 from ._seeds import RESERVED_PROBE_BASE, probe_seed, splitmix64
 from .adazo_sam import AdaZoSAM
 from .closure import make_closure
@@ -28,7 +28,7 @@ __all__ = [
     "RESERVED_PROBE_BASE",
     "AdaZoSAM",
     "Loren",
-    "LorenzaOptimizer",
+    "SeededOptimizer",
     "MeZO",
     "MeZOAdam",
     "Perturbation",

@@ -33,10 +33,11 @@ class _LayerPass:
         self.perturbation = perturbation
         self.ok = True
         self.seen = 0
+        self.done: set[int] = set()
 
 
 class BackwardPassMixin:
-    """Mixed into :class:`~lorenza.optim.LorenzaOptimizer`; uses its ``per_layer``, ``_layer_pass``,
+    """Mixed into :class:`~lorenza.optim.SeededOptimizer`; uses its ``per_layer``, ``_layer_pass``,
     ``_hook_handles``, ``_skip``, ``_all_finite`` and ``zero_grad``."""
 
     def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
@@ -121,6 +122,12 @@ class BackwardPassMixin:
         """Per-layer mode, one parameter: remove its perturbation, check, update, free its gradient."""
         pert = layer_pass.perturbation
         param = pert.slots[i].param
+        if i in layer_pass.done:
+            raise RuntimeError(
+                "per_layer=True: a parameter received a gradient twice in one step (the closure ran several "
+                "backward passes, e.g. gradient accumulation); use per_layer=False"
+            )
+        layer_pass.done.add(i)
         pert.restore([i])
         layer_pass.seen += 1
         grad = param.grad

@@ -56,12 +56,12 @@ from ._backward import BackwardPassMixin, _LayerPass
 from ._noise import Perturbation, Slot, seeded_axpby_streams_
 from .closure import as_loss
 
-__all__ = ["LorenzaOptimizer", "Perturbation", "Slot"]
+__all__ = ["SeededOptimizer", "Perturbation", "Slot"]
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the seeded kernels write these
 
 
-class LorenzaOptimizer(BackwardPassMixin, torch.optim.Optimizer):
+class SeededOptimizer(BackwardPassMixin, torch.optim.Optimizer):
     """Base class: see the module docstring. Subclasses set ``group_checks`` and ``global_checks``,
     call ``super().__init__(params, defaults, seed=..., options={...})`` and implement ``step``
     (and :meth:`_update_param` when they take a gradient)."""

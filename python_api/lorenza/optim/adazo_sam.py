@@ -13,13 +13,13 @@ import torch
 
 from . import _checks
 from ._adam import adamw_update_
-from ._base import LorenzaOptimizer, Perturbation, Slot
+from ._base import SeededOptimizer, Perturbation, Slot
 from ._seeds import probe_seed
 
 __all__ = ["AdaZoSAM"]
 
 
-class AdaZoSAM(LorenzaOptimizer):
+class AdaZoSAM(SeededOptimizer):
     r"""AdaZo-SAM, ``algorithms.md`` "AdaZo-SAM".
 
     Per step ``t``, with ``z_j`` drawn from ``(probe_seed(seed, t, j), stream of the parameter)``:
@@ -62,7 +62,7 @@ class AdaZoSAM(LorenzaOptimizer):
     """
 
     group_checks = {
-        **LorenzaOptimizer.group_checks,
+        **SeededOptimizer.group_checks,
         "betas": _checks.betas,
         "eps": _checks.non_negative,
         "rho": _checks.non_negative,

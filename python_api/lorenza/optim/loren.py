@@ -16,7 +16,7 @@ import torch
 import lorenza_kernels as lk
 
 from . import _checks
-from ._base import LorenzaOptimizer, Slot
+from ._base import SeededOptimizer, Slot
 from ._noise import iter_runs, seeded_axpby_streams_
 from ._seeds import INIT_STEP, probe_seed
 
@@ -30,7 +30,7 @@ def _dims(p: torch.Tensor) -> tuple[int, int]:
     return 1, p.numel()
 
 
-class Loren(LorenzaOptimizer):
+class Loren(SeededOptimizer):
     r"""LOREN, ``algorithms.md`` "LOREN", with its **choice**.
 
     Per tensor ``X`` (``m x n`` view) the state is ``a`` (length ``n``, float32) and, for tensors of
@@ -75,7 +75,7 @@ class Loren(LorenzaOptimizer):
     """
 
     group_checks = {
-        **LorenzaOptimizer.group_checks,
+        **SeededOptimizer.group_checks,
         "mu": _checks.positive,
         "damping": _checks.positive,
         "lr_cov": _checks.non_negative,

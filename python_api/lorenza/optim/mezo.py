@@ -16,14 +16,14 @@ import torch
 
 from . import _checks
 from ._adam import adamw_update_
-from ._base import LorenzaOptimizer, Slot
+from ._base import SeededOptimizer, Slot
 from ._noise import seeded_axpby_streams_
 from ._seeds import probe_seed
 
 __all__ = ["MeZO", "MeZOAdam"]
 
 
-class _TwoSidedZO(LorenzaOptimizer):
+class _TwoSidedZO(SeededOptimizer):
     """Shared by MeZO and MeZO-Adam: the probes and the projected gradients ``g_j``."""
 
     global_checks = {"num_probes": 1}
@@ -64,7 +64,7 @@ class MeZO(_TwoSidedZO):
     counted, one warning). ``step`` returns the mean of the probe losses.
     """
 
-    group_checks = {**LorenzaOptimizer.group_checks, "mu": _checks.positive}
+    group_checks = {**SeededOptimizer.group_checks, "mu": _checks.positive}
 
     def __init__(
         self,
@@ -107,7 +107,7 @@ class MeZOAdam(_TwoSidedZO):
     """
 
     group_checks = {
-        **LorenzaOptimizer.group_checks,
+        **SeededOptimizer.group_checks,
         "mu": _checks.positive,
         "betas": _checks.betas,
         "eps": _checks.non_negative,
