@@ -1,0 +1,40 @@
+"""Optimizers for memory-efficient fine-tuning: MeZO, MeZO-Adam, AdaZo-SAM, SAM, LOREN.
+
+The mathematics, the choices and the closure protocol are those of ``shared/docs/algorithms.md``.
+Every optimizer regenerates its noise from ``(probe_seed(seed, step, probe), stream)`` through the
+public functions of :mod:`lorenza_kernels` and never stores it.
+
+* :class:`MeZO`, :class:`MeZOAdam`: zeroth-order SGD / Adam with two-sided probes.
+* :class:`AdaZoSAM`: AdamW with a zeroth-order SAM ascent, one backward pass per step.
+* :class:`SAM`: the two-backward baseline (davda54/sam calling convention).
+* :class:`Loren`: zeroth-order with a learned low-rank perturbation covariance.
+* :func:`make_closure`: a correct closure from a loss function; :func:`probe_seed`: the seed of
+  any probe of any step, to regenerate its noise.
+* :class:`SeededOptimizer`: the base class (groups, seeds and streams, probes, per-layer hooks,
+  skips, state dict) for further optimizers.
+"""
+
+from __future__ import annotations
+
+from ._base import Perturbation, SeededOptimizer, Slot
+from ._seeds import RESERVED_PROBE_BASE, probe_seed, splitmix64
+from .adazo_sam import AdaZoSAM
+from .closure import make_closure
+from .loren import Loren
+from .mezo import MeZO, MeZOAdam
+from .sam import SAM
+
+__all__ = [
+    "RESERVED_PROBE_BASE",
+    "AdaZoSAM",
+    "Loren",
+    "SeededOptimizer",
+    "MeZO",
+    "MeZOAdam",
+    "Perturbation",
+    "SAM",
+    "Slot",
+    "make_closure",
+    "probe_seed",
+    "splitmix64",
+]

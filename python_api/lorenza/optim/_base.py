@@ -1,0 +1,319 @@
+"""The base class of every optimizer of :mod:`lorenza.optim`.
+
+What it provides, so that a subclass only writes its mathematics:
+
+* **Parameter groups** with per-group hyperparameters checked on construction, in
+  ``add_param_group`` and again at every step (a scheduler or a user may edit a group); an unknown
+  group option is an error that names it. ``group_checks`` maps each option to its check.
+* **Streams and seeds**: every parameter has a fixed stream, its position in the optimizer's
+  parameter order across groups (frozen parameters keep their number but are skipped). The noise
+  of probe ``j`` of step ``t`` is drawn with seed ``probe_seed(seed, t, j)`` (:mod:`._seeds`).
+* **Global state** ``self._global``: ``seed``, ``step`` (steps attempted, the noise counter),
+  ``skipped`` (steps skipped for non-finite values) and the structural options of the subclass
+  (``num_probes``, ``num_queries``). ``state_dict()`` stores it under the key ``"lorenza"``;
+  ``load_state_dict`` restores it and keeps the saved dtype of every state tensor (torch would
+  cast float32 moments to a bfloat16 parameter's dtype).
+* **Probe machinery**: :meth:`_apply_noise_` (the one place where noise touches the parameters;
+  override it to perturb differently), :meth:`_probe_loss`, :meth:`_two_sided_probes` (restores
+  the parameters if the closure raises) and :meth:`_reduce` (one host synchronisation and, under
+  ``torch.distributed``, one all-reduce of the probe losses per step).
+* **The backward pass** :meth:`_gradient_pass`: zero the gradients, run the closure with grad
+  enabled, remove the recorded :class:`Perturbation`, check for non-finite values, and call
+  :meth:`_update_param` per parameter. With ``per_layer=True`` it does all of that inside each
+  parameter's post-accumulate-grad hook and frees the gradient at once.
+* **Skips**: :meth:`_skip` counts a skipped step and warns once per optimizer. A skipped step
+  removes the perturbations by regenerating and subtracting the noise: the parameters are those
+  before the step up to the rounding of that addition and subtraction (bitwise would need a
+  copy of the parameters, which algorithms.md's memory table excludes); the state is untouched.
+
+How a later optimizer plugs in (LORENZA, Lorenza+, GaLore-AdamW):
+
+* subclass :class:`~lorenza.optim.AdaZoSAM` (or this class), add group options to
+  ``group_checks`` and structural ones to ``global_checks``;
+* override :meth:`_apply_noise_` to apply a probe in a subspace (``P = Q U``: draw ``U`` with
+  ``lorenza_kernels.gaussian(R.shape, seed, slot.stream)`` and ``W.addmm_``) and return
+  ``||U||^2`` per slot; :class:`Perturbation` then removes it the same way, per parameter in the
+  per-layer hooks;
+* override :meth:`_update_param` (projected Adam, subspace refresh) and, for LORENZA's step 1,
+  ``AdaZoSAM._wants_ascent``;
+* per-parameter state goes in ``self.state[p]`` (saved and restored with its dtype), global
+  counters in ``self._global`` (saved under ``"lorenza"``); noise that is not a probe (a
+  randomized-SVD sketch) uses ``probe_seed(seed, step, RESERVED_PROBE_BASE + k)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from . import _checks
+from ._backward import BackwardPassMixin, _LayerPass
+from ._noise import Perturbation, Slot, seeded_axpby_streams_
+from .closure import as_loss
+
+__all__ = ["SeededOptimizer", "Perturbation", "Slot"]
+
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the seeded kernels write these
+
+
+class SeededOptimizer(BackwardPassMixin, torch.optim.Optimizer):
+    """Base class: see the module docstring. Subclasses set ``group_checks`` and ``global_checks``,
+    call ``super().__init__(params, defaults, seed=..., options={...})`` and implement ``step``
+    (and :meth:`_update_param` when they take a gradient)."""
+
+    #: per-group option -> check(name, value); every key of ``defaults`` should have one.
+    group_checks: ClassVar[dict[str, _checks.Check]] = {
+        "lr": _checks.non_negative,
+        "weight_decay": _checks.non_negative,
+    }
+    #: global option -> minimum integer value (``num_probes``: 1, ``num_queries``: 2).
+    global_checks: ClassVar[dict[str, int]] = {}
+    #: parameter dtypes the seeded kernels accept.
+    param_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
+    #: group keys that torch, schedulers or users add and that are no hyperparameter.
+    extra_group_keys: ClassVar[frozenset[str]] = frozenset({"params", "param_names", "name", "initial_lr"})
+
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        seed: int = 0,
+        per_layer: bool = False,
+        state_dtype: torch.dtype | None = torch.float32,
+        options: dict[str, int] | None = None,
+    ) -> None:
+        seed = _checks.seed("seed", seed)
+        _checks.boolean("per_layer", per_layer)
+        _checks.dtype_or_none("state_dtype", state_dtype, _STATE_DTYPES)
+        for key, value in defaults.items():
+            self.group_checks[key](key, value)
+        options = dict(options or {})
+        for key, value in options.items():
+            _checks.int_at_least(key, value, self.global_checks[key])
+        self._global: dict[str, Any] = {"format": 1, "seed": seed, "step": 0, "skipped": 0, **options}
+        self.per_layer = per_layer
+        self.state_dtype = state_dtype
+        #: process group whose ranks average the probe losses (None: the default group).
+        self.process_group = None
+        self._layer_pass: _LayerPass | None = None
+        self._hook_handles: list[Any] = []
+        self._warned_skip = False
+        super().__init__(params, defaults)
+
+    # --- groups -------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
+        unknown = sorted(set(param_group) - set(self.defaults) - self.extra_group_keys)
+        if unknown:
+            raise ValueError(
+                f"param_group: unknown option(s) {unknown}; {type(self).__name__} takes {sorted(self.defaults)}"
+            )
+        for key, value in param_group.items():
+            if key in self.group_checks:
+                self.group_checks[key](key, value)
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):
+            params = list(params)
+            param_group["params"] = params
+        for k, p in enumerate(params if isinstance(params, list) else []):
+            t = p[1] if isinstance(p, tuple) else p
+            if isinstance(t, torch.Tensor) and t.dtype not in self.param_dtypes:
+                names = ", ".join(str(d).replace("torch.", "") for d in self.param_dtypes)
+                raise TypeError(f"params[{k}]: dtype {str(t.dtype).replace('torch.', '')} is not supported ({names})")
+        if isinstance(params, list) and len({id(p[1] if isinstance(p, tuple) else p) for p in params}) != len(params):
+            raise ValueError("params: a parameter appears twice (it would own two noise streams)")
+        super().add_param_group(param_group)
+        if self.per_layer:
+            self._install_hooks(self.param_groups[-1]["params"])
+
+    def _check_groups(self) -> None:
+        for group in self.param_groups:
+            for key in self.defaults:
+                if key in self.group_checks and key in group:
+                    self.group_checks[key](key, group[key])
+
+    def _slots(self) -> list[Slot]:
+        """The parameters that require grad, with their fixed streams, in parameter order."""
+        slots, stream = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    slots.append(Slot(p, stream, group, len(slots)))
+                stream += 1
+        return slots
+
+    # --- global state -------------------------------------------------------------------------
+
+    @property
+    def seed(self) -> int:
+        return self._global["seed"]
+
+    @property
+    def global_step(self) -> int:
+        """Steps attempted so far (skipped ones included): the step ``t`` of the last noise drawn."""
+        return self._global["step"]
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._global["skipped"]
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["lorenza"] = dict(self._global)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load groups, per-parameter state (dtypes kept, tensors copied to the parameters' devices)
+        and the global state (seed, step, skip counter, options)."""
+        sd = dict(state_dict)
+        glob = sd.pop("lorenza", None)
+        if not isinstance(glob, dict):
+            raise ValueError("state_dict: no 'lorenza' entry (seed, step counter); was it saved by a lorenza optimizer?")
+        _checks.seed("state_dict['lorenza']['seed']", glob.get("seed"))
+        for key, low in self.global_checks.items():
+            _checks.int_at_least(f"state_dict['lorenza'][{key!r}]", glob.get(key), low)
+        saved_state = sd.get("state", {})
+        super().load_state_dict({**sd, "state": {}})
+        self._check_groups()
+        ids = (i for g in sd["param_groups"] for i in g["params"])
+        id_map = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
+        for key, value in saved_state.items():
+            param = id_map.get(key)
+            if param is None:
+                raise ValueError(f"state_dict: state for parameter {key!r}, which no parameter group lists")
+            self.state[param] = {
+                k: v.detach().to(param.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in value.items()
+            }
+        self._global = dict(glob)
+
+    def __getstate__(self) -> dict[str, Any]:
+        st = super().__getstate__()
+        st.update(_global=self._global, per_layer=self.per_layer, state_dtype=self.state_dtype)
+        return st
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        full = "_global" in state
+        super().__setstate__(state)
+        if full:  # unpickled or deep-copied: rebuild what cannot travel
+            self.process_group, self._layer_pass, self._hook_handles, self._warned_skip = None, None, [], False
+            if self.per_layer:
+                for group in self.param_groups:
+                    self._install_hooks(group["params"])
+
+    # --- skips and checks ---------------------------------------------------------------------
+
+    def _skip(self, reason: str) -> None:
+        self._global["skipped"] += 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                f"{type(self).__name__}: step {self._global['step'] + 1} skipped: {reason}. The perturbations are "
+                "removed and no update is applied; later skips are counted in `skipped_steps` without a warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _require_closure(self, closure: Callable[[], Any] | None) -> Callable[[], Any]:
+        if closure is None:
+            raise TypeError(
+                f"closure: {type(self).__name__}.step needs a closure that returns the loss of the current "
+                "minibatch (see lorenza.optim.make_closure)"
+            )
+        if not callable(closure):
+            raise TypeError(f"closure: expected a callable, got {type(closure).__name__}")
+        self._check_groups()
+        return closure
+
+    @staticmethod
+    def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+        if not tensors:
+            return True
+        device = tensors[0].device
+        return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
+
+    # --- probes ---------------------------------------------------------------------------------
+
+    def _apply_noise_(
+        self,
+        slots: Sequence[Slot],
+        seed: int,
+        alpha: float | Sequence[float],
+        beta: float | Sequence[float] = 1.0,
+        *,
+        row_vectors: Sequence[torch.Tensor] | None = None,
+        gamma: float | Sequence[float] | None = None,
+    ) -> torch.Tensor:
+        """``p <- beta p + alpha z (+ gamma 1 a^T)`` for each slot, ``z`` from ``(seed, slot.stream)``.
+
+        The only place where noise touches parameters: LORENZA overrides it to apply its probes
+        in the subspace. Returns ``||z||^2`` per slot from the same pass (float32 tensor).
+        """
+        return seeded_axpby_streams_(
+            [s.param for s in slots], [s.stream for s in slots], seed, alpha, beta, row_vectors=row_vectors, gamma=gamma
+        )
+
+    def _probe_loss(self, closure: Callable[[], Any]) -> torch.Tensor:
+        with torch.no_grad():
+            return as_loss(closure())
+
+    def _reduce(self, losses: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> tuple[list[float], list[float]]:
+        """Probe losses averaged over the ranks (one all-reduce) and, untouched, ``extra`` values:
+        both brought to the host in one synchronisation."""
+        vals = torch.stack([v.to(losses[0].device, torch.float64) for v in losses])
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size(self.process_group)
+            if world > 1:
+                dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=self.process_group)
+                vals = vals / world
+        if extra is not None and extra.numel():
+            vals = torch.cat([vals, extra.detach().to(vals.device, torch.float64).reshape(-1)])
+        out = vals.tolist()
+        return out[: len(losses)], out[len(losses) :]
+
+    def _two_sided_probes(
+        self, closure: Callable[[], Any], slots: Sequence[Slot], seeds: Sequence[int], mus: Sequence[float]
+    ) -> tuple[list[float], list[list[float]], bool]:
+        """``(losses, norms, ok)``: ``[L(p + mu z_0), L(p - mu z_0), L(p + mu z_1), ...]`` (rank-averaged),
+        ``||z_j||^2`` per probe and slot, and whether every loss is finite.
+
+        When ``ok``, leaves the parameters at ``p - mu z_last``: the caller fuses the last restore with
+        its update. Otherwise it restores them and counts the skip. If the closure raises, the
+        perturbation in place is removed before the exception propagates.
+        """
+        losses: list[torch.Tensor] = []
+        norms: list[torch.Tensor] = []
+        applied: tuple[int, list[float]] | None = None
+        down = [-2.0 * m for m in mus]
+        try:
+            for j, seed in enumerate(seeds):
+                norms.append(self._apply_noise_(slots, seed, mus))
+                applied = (seed, list(mus))
+                losses.append(self._probe_loss(closure))
+                self._apply_noise_(slots, seed, down)
+                applied = (seed, [-m for m in mus])
+                losses.append(self._probe_loss(closure))
+                if j + 1 < len(seeds):
+                    self._apply_noise_(slots, seed, mus)
+                    applied = None
+        except BaseException:
+            if applied is not None:
+                self._apply_noise_(slots, applied[0], [-a for a in applied[1]])
+            raise
+        vals, flat = self._reduce(losses, torch.stack(norms) if slots else None)
+        n = len(slots)
+        norms_per_probe = [flat[j * n : (j + 1) * n] for j in range(len(seeds))]
+        if not all(math.isfinite(v) for v in vals):
+            self._apply_noise_(slots, seeds[-1], mus)
+            self._skip(f"non-finite loss in a zeroth-order probe ({vals})")
+            return vals, norms_per_probe, False
+        return vals, norms_per_probe, True

@@ -1,0 +1,59 @@
+"""Per-step, per-probe seeds: the integers from which every noise tensor is regenerated.
+
+An optimizer never stores noise. It keeps one user seed and a step counter; the noise of probe
+``j`` of step ``t`` for the parameter with stream number ``k`` is
+
+    lorenza_kernels.gaussian(p.shape, probe_seed(seed, t, j), k)
+
+(``rng.md``: lorenza-philox-v1, stream ``k`` = the parameter's position in the optimizer's
+parameter order, across groups). Anyone holding ``seed`` can therefore regenerate the noise of any
+step, on any device and any number of ranks.
+
+Conventions shared by every optimizer of :mod:`lorenza.optim`:
+
+* steps count from 1; ``step = 0`` is reserved for initial state drawn from the stream (LOREN's
+  vectors ``a`` use ``probe_seed(seed, 0, 0)``);
+* ``probe`` is the index of the probe (query) within the step, from 0;
+* probes from ``RESERVED_PROBE_BASE = 2**32`` on are reserved for other noise of a step that is not
+  a perturbation probe (for instance a randomized-SVD sketch).
+"""
+
+from __future__ import annotations
+
+_MASK64 = (1 << 64) - 1
+RESERVED_PROBE_BASE = 1 << 32
+INIT_STEP = 0
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's output function of ``x + golden gamma`` (Steele, Lea, Flood, OOPSLA 2014).
+
+    Reference code: https://prng.di.unimi.it/splitmix64.c . A bijection of [0, 2^64) with full
+    avalanche, so nearby inputs give unrelated outputs.
+    """
+    z = (int(x) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _check_u64(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int in [0, 2**64), got {type(value).__name__}")
+    if not 0 <= value <= _MASK64:
+        raise ValueError(f"{name}: must lie in [0, 2**64), got {value}")
+    return value
+
+
+def probe_seed(seed: int, step: int, probe: int) -> int:
+    """The 64-bit Philox seed of probe ``probe`` of step ``step`` of an optimizer seeded with ``seed``.
+
+    ``probe_seed(seed, step, probe) = h(h(h(seed) XOR step) XOR probe)`` with ``h`` =
+    :func:`splitmix64`. Every layer is a bijection, so for one seed and one step distinct probes
+    always get distinct seeds, and so do distinct steps for one seed and probe; any other two
+    triples meet with the probability of a random 64-bit function (about 2^-64).
+    """
+    seed = _check_u64(seed, "seed")
+    step = _check_u64(step, "step")
+    probe = _check_u64(probe, "probe")
+    return splitmix64(splitmix64(splitmix64(seed) ^ step) ^ probe)

@@ -1,0 +1,150 @@
+"""AdaZo-SAM (Refael et al., 2025, "LORENZA: Enhancing Generalization in Low-Rank Gradient LLM
+Training via Efficient Zeroth-Order Adaptive SAM", https://arxiv.org/abs/2502.19571): AdamW with a
+sharpness-aware gradient whose ascent direction is a zeroth-order estimate, one backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import _checks
+from ._adam import adamw_update_
+from ._base import SeededOptimizer, Perturbation, Slot
+from ._seeds import probe_seed
+
+__all__ = ["AdaZoSAM"]
+
+
+class AdaZoSAM(SeededOptimizer):
+    r"""AdaZo-SAM, ``algorithms.md`` "AdaZo-SAM".
+
+    Per step ``t``, with ``z_j`` drawn from ``(probe_seed(seed, t, j), stream of the parameter)``:
+
+    1. for ``j < q`` (``q = num_probes``): ``c_j = (L(theta + mu z_j) - L(theta - mu z_j)) / (2 mu)``
+       (closure under ``torch.no_grad()``; losses averaged over ranks in one all-reduce);
+    2. ``G = (1/q) sum_j c_j z_j`` and ``eps = rho G / ||G||`` with the global norm over all the
+       optimizer's parameters. **choice** (algorithms.md) for ``q > 1``:
+       ``||G||^2 = (1/q^2) sum_j c_j^2 ||z_j||^2``; the ``||z_j||^2`` come from the kernel pass that
+       applies ``+mu z_j``. The restore of the last probe and ``+eps``'s last term are one pass;
+    3. ``theta += eps``; the closure with grad enabled gives ``g = grad L(theta + eps)``;
+       ``theta -= eps`` (regenerated from the seeds, exact up to rounding);
+    4. the AdamW step of ``torch.optim.AdamW`` with ``g`` (``_adam.adamw_update_``).
+
+    ``rho``, ``mu``, ``lr``, ``betas``, ``eps``, ``weight_decay`` are per group. A group's ``mu``
+    scales its part of the probe and its ``c_j`` (``(L+ - L-) / (2 mu_group)``, the estimate of that
+    group's directional derivative); a group's share of the perturbation is
+    ``rho_group G_group / ||G||``. With one ``mu`` and one ``rho`` this is algorithms.md exactly.
+    When every group has ``rho = 0`` the probes are skipped (they would not move anything) and
+    the optimizer is AdamW: bitwise on float32 parameters with float32 state.
+
+    Under ``torch.distributed`` only the probe losses are reduced here (one all-reduce of ``2 q``
+    scalars per step); the gradient of the backward pass is expected to be averaged by
+    ``DistributedDataParallel`` or FSDP, as for any torch optimizer.
+
+    ``per_layer=True``: each parameter is restored (its share of ``eps`` removed), checked,
+    updated and its gradient freed in its post-accumulate-grad hook, as soon as the backward pass
+    has produced it; results equal those of normal mode. Not compatible with
+    ``DistributedDataParallel``'s gradient averaging, which runs after the hooks.
+
+    Non-finite probe loss: perturbation removed, no backward pass, skip counted, one warning.
+    Non-finite loss or gradient in the backward pass: ``eps`` removed, no update (per-layer mode:
+    the parameters updated before the first non-finite gradient keep their update). Deviation:
+    "parameters exactly as before" holds up to the rounding of adding and subtracting the
+    regenerated noise (a few ulps); a bitwise restore would need a copy of the parameters, which
+    the memory table of algorithms.md does not allow.
+
+    State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (``state_dtype``, float32 by
+    default): AdamW's memory. Returns the loss of the backward pass (at ``theta + eps``).
+    """
+
+    group_checks = {
+        **SeededOptimizer.group_checks,
+        "betas": _checks.betas,
+        "eps": _checks.non_negative,
+        "rho": _checks.non_negative,
+        "mu": _checks.positive,
+    }
+    global_checks = {"num_probes": 1}
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rho: float = 0.05,
+        mu: float = 1e-3,
+        num_probes: int = 1,
+        seed: int = 0,
+        per_layer: bool = False,
+        state_dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho, mu=mu)
+        super().__init__(
+            params, defaults, seed=seed, per_layer=per_layer, state_dtype=state_dtype, options={"num_probes": num_probes}
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
+        closure = self._require_closure(closure)
+        t = self._global["step"] + 1
+        slots = self._slots()
+        perturbation = Perturbation(self, slots)
+        if self._wants_ascent(t, slots):
+            probe_loss = self._ascend(closure, slots, t, perturbation)
+            if probe_loss is not None:  # skipped: non-finite probe
+                self._global["step"] = t
+                return probe_loss
+        loss = self._gradient_pass(closure, slots, perturbation)
+        self._global["step"] = t
+        return loss
+
+    def _wants_ascent(self, step: int, slots: Sequence[Slot]) -> bool:
+        """Whether step ``step`` perturbs at all (LORENZA: not at step 1, where it builds its subspace)."""
+        return any(float(s.group["rho"]) != 0.0 for s in slots)
+
+    def _ascend(
+        self, closure: Callable[[], Any], slots: Sequence[Slot], step: int, perturbation: Perturbation
+    ) -> torch.Tensor | None:
+        """Steps 1-3 up to ``theta += eps``, recorded in ``perturbation``. Returns None, or the mean
+        probe loss when a probe was non-finite and the step is skipped (parameters restored)."""
+        q = self._global["num_probes"]
+        seeds = [probe_seed(self.seed, step, j) for j in range(q)]
+        mus = [float(s.group["mu"]) for s in slots]
+        losses, norms, ok = self._two_sided_probes(closure, slots, seeds, mus)
+        if not ok:
+            return torch.tensor(sum(losses) / len(losses))
+        c = [[(losses[2 * j] - losses[2 * j + 1]) / (2.0 * mu) for mu in mus] for j in range(q)]
+        norm_sq = sum(cj[i] ** 2 * norms[j][i] for j, cj in enumerate(c) for i in range(len(slots))) / q**2
+        inv_norm = 1.0 / math.sqrt(norm_sq) if norm_sq > 0.0 else 0.0
+        rhos = [float(s.group["rho"]) for s in slots]
+        e = [[rho * cji / q * inv_norm for rho, cji in zip(rhos, cj)] for cj in c]
+        last = q - 1
+        # theta is at theta0 - mu z_last: restore it and add eps's last term in one pass.
+        self._apply_noise_(slots, seeds[last], [mu + ei for mu, ei in zip(mus, e[last])])
+        perturbation.add(seeds[last], e[last])
+        for j in range(last):
+            self._apply_noise_(slots, seeds[j], e[j])
+            perturbation.add(seeds[j], e[j])
+        return None
+
+    def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
+        group = slot.group
+        beta1, beta2 = group["betas"]
+        adamw_update_(
+            slot.param,
+            grad,
+            self.state[slot.param],
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            state_dtype=self.state_dtype,
+        )

@@ -1,0 +1,211 @@
+"""LOREN (Seung, Lee, Ko, 2025, "Low-Rank Curvature for Zeroth-Order Optimization in LLM
+Fine-Tuning", https://arxiv.org/abs/2511.07971): zeroth-order optimisation whose perturbation
+covariance ``(I + a_bar a_bar^T / lambda_d)^-1`` is learned by natural evolution strategies.
+
+Public implementation: https://github.com/hseung88/loren (``model/glue_transformer_loren.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+import lorenza_kernels as lk
+
+from . import _checks
+from ._base import SeededOptimizer, Slot
+from ._noise import iter_runs, seeded_axpby_streams_
+from ._seeds import INIT_STEP, probe_seed
+
+__all__ = ["Loren"]
+
+
+def _dims(p: torch.Tensor) -> tuple[int, int]:
+    """``(m, n)`` of the matrix view: ``shape[0] x rest``; a 1-D (or 0-D) tensor is ``1 x numel``."""
+    if p.dim() >= 2:
+        return p.shape[0], math.prod(p.shape[1:])
+    return 1, p.numel()
+
+
+class Loren(SeededOptimizer):
+    r"""LOREN, ``algorithms.md`` "LOREN", with its **choice**.
+
+    Per tensor ``X`` (``m x n`` view) the state is ``a`` (length ``n``, float32) and, for tensors of
+    two or more dimensions, a heavy-ball buffer ``momentum_buffer`` (``state_dtype``). With
+    ``s = m ||a||^2``, ``D = sqrt(damping + s)``, ``c = (sqrt(damping) + D) / (s D)`` and
+    ``S(a) u = u - c <a_bar, u> a_bar``, per step ``t`` and query ``k < K`` (``K = num_queries``,
+    ``u_k`` from ``(probe_seed(seed, t, k), stream of the parameter)``):
+
+    1. ``f_k = L(X + mu S(a) u_k)`` (perturb, evaluate under ``torch.no_grad()``, restore; the
+       ``K`` losses are averaged over ranks in one all-reduce);
+    2. ``w_k = (f_k - mean f) / (mu (K - 1))``, ``g = sum_k w_k S(a) u_k``;
+    3. matrices ``M <- momentum M + g``, ``X <- X (1 - lr wd) - lr M``; vectors
+       ``X <- X (1 - lr wd) - lr g``;
+    4. ``a <- a - lr_cov g_a`` with ``p_k = <a_bar, u_k>`` and
+       ``g_a = sum_k (f_k - mean f)/(K - 1) mu^2 [p_k colsum(u_k) - m a - c (p_k^2 - s) m a] / D``.
+
+    No ``u`` is stored: ``p_k`` and ``colsum(u_k)`` come from ``lorenza_kernels.seeded_loren_stats``
+    (no pass over the parameters), and every application of ``S(a) u_k`` (to ``X`` and to ``M``) is
+    one ``seeded_axpby_`` pass with the rank-one term ``gamma 1 a^T``, ``gamma = -coef c p_k``. The
+    restore of the last query is fused with the weight decay and, for vectors, with the last
+    query's update term.
+
+    **choice** (differences from the public implementation, which this class does not follow):
+
+    * ``a`` stays fixed for the whole step and ``X``, ``M`` are updated once per step with the
+      aggregated ``g``. The public code loops over the queries after evaluating them and, per
+      query, updates ``M``, ``X`` (with weight decay, so ``K`` times per step) and ``a``, so the
+      later queries' ``S(a) u_k`` use an ``a`` that differs from the one they were evaluated with.
+    * For 1-D tensors (``m = 1``) ``g_a`` is the per-coordinate vector of the formula. The public
+      code sums it to one scalar (``ak_grad.view(shape).sum(0)``) that moves every coordinate of
+      ``a`` alike, which looks unintended.
+
+    Smaller differences: the public code also applies ``weight_decay`` to ``a`` (here ``a`` gets
+    none, as in algorithms.md) and keeps ``a`` and ``M`` in the parameter's dtype (here float32 by
+    default). ``a`` is initialised ``N(0, I)`` from the project's stream:
+    ``a = gaussian(n, probe_seed(seed, 0, 0), stream of the parameter)`` (step 0 is reserved for
+    initialisation), instead of ``torch.randn``.
+
+    Memory: MeZO's plus the momentum of the matrices plus the vectors ``a`` (and, during a step,
+    ``K`` column sums of length ``n`` per tensor). Non-finite query loss: the perturbation is
+    removed, nothing is updated, the skip counted and warned once. Returns the mean query loss.
+    """
+
+    group_checks = {
+        **SeededOptimizer.group_checks,
+        "mu": _checks.positive,
+        "damping": _checks.positive,
+        "lr_cov": _checks.non_negative,
+        "momentum": _checks.unit_interval,
+    }
+    global_checks = {"num_queries": 2}
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        *,
+        mu: float = 1e-3,
+        damping: float = 0.1,
+        lr_cov: float = 1e-3,
+        num_queries: int = 10,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        state_dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        defaults = dict(lr=lr, mu=mu, damping=damping, lr_cov=lr_cov, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(params, defaults, seed=seed, state_dtype=state_dtype, options={"num_queries": num_queries})
+
+    def _init_state(self, slot: Slot) -> dict:
+        state = self.state[slot.param]
+        if "a" not in state:
+            n = _dims(slot.param)[1]
+            state["a"] = lk.gaussian(n, probe_seed(self.seed, INIT_STEP, 0), slot.stream, device=slot.param.device)
+            if slot.param.dim() >= 2:
+                state["momentum_buffer"] = torch.zeros_like(
+                    slot.param, dtype=self.state_dtype or slot.param.dtype, memory_format=torch.contiguous_format
+                )
+        return state
+
+    @staticmethod
+    def _stats(slots: Sequence[Slot], seed: int, rows: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``p_k`` (0-d tensors) and column sums of ``u`` for every slot, one kernel call per run."""
+        params = [s.param for s in slots]
+        ps, cols = [], []
+        for start, stop in iter_runs(params, [s.stream for s in slots]):
+            ts = [t.detach() if t.is_contiguous() else t.detach().contiguous() for t in params[start:stop]]
+            p, c = lk.seeded_loren_stats(ts, seed, list(rows[start:stop]), first_stream=slots[start].stream)
+            ps.extend(p.unbind(0))
+            cols.extend(c)
+        return ps, cols
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
+        closure = self._require_closure(closure)
+        t = self._global["step"] + 1
+        K = self._global["num_queries"]
+        slots = self._slots()
+        states = [self._init_state(s) for s in slots]
+        rows = [st["a"] for st in states]
+        seeds = [probe_seed(self.seed, t, k) for k in range(K)]
+        stats = [self._stats(slots, seed, rows) for seed in seeds]
+        n = len(slots)
+        # One host synchronisation for every scalar the kernel calls need: ||a||^2 and p_k.
+        scalars = torch.stack([r.square().sum() for r in rows] + [p for ps, _ in stats for p in ps]).tolist() if n else []
+        m = [_dims(s.param)[0] for s in slots]
+        s_ = [mi * a2 for mi, a2 in zip(m, scalars[:n])]
+        damping = [float(s.group["damping"]) for s in slots]
+        D = [math.sqrt(lam + si) for lam, si in zip(damping, s_)]
+        c = [(math.sqrt(lam) + Di) / (si * Di) if si > 0.0 else 0.0 for lam, Di, si in zip(damping, D, s_)]
+        p = [scalars[n + k * n : n + (k + 1) * n] for k in range(K)]
+        mus = [float(s.group["mu"]) for s in slots]
+
+        def apply(subset: Sequence[int], k: int, coef: Sequence[float], beta: float | Sequence[float] = 1.0, on=None):
+            """``x <- beta x + coef S(a) u_k`` for the slots ``subset`` (on their params, or ``on``)."""
+            gamma = [-cf * c[i] * p[k][i] for cf, i in zip(coef, subset)]
+            tensors = [slots[i].param for i in subset] if on is None else [on[i] for i in subset]
+            seeded_axpby_streams_(
+                tensors, [slots[i].stream for i in subset], seeds[k], coef, beta,
+                row_vectors=[rows[i] for i in subset], gamma=gamma,
+            )  # fmt: skip
+
+        everyone = list(range(n))
+        losses, applied = [], None
+        try:
+            for k in range(K):
+                apply(everyone, k, mus)
+                applied = k
+                losses.append(self._probe_loss(closure))
+                if k + 1 < K:
+                    apply(everyone, k, [-mu for mu in mus])
+                    applied = None
+        except BaseException:
+            if applied is not None:
+                apply(everyone, applied, [-mu for mu in mus])
+            raise
+        f, _ = self._reduce(losses)
+        mean_loss = torch.tensor(sum(f) / K)
+        if not all(math.isfinite(v) for v in f):
+            apply(everyone, K - 1, [-mu for mu in mus])
+            self._skip(f"non-finite loss in a query ({f})")
+            self._global["step"] = t
+            return mean_loss
+        self._global["step"] = t
+        f_bar = sum(f) / K
+        d = [fk - f_bar for fk in f]
+        w = [[dk / (mu * (K - 1)) for mu in mus] for dk in d]
+        lrs = [float(s.group["lr"]) for s in slots]
+        decay = [1.0 - lr * float(s.group["weight_decay"]) for lr, s in zip(lrs, slots)]
+        matrices = [i for i in everyone if slots[i].param.dim() >= 2]
+        vectors = [i for i in everyone if slots[i].param.dim() < 2]
+        is_vec = [slots[i].param.dim() < 2 for i in everyone]
+
+        # Restore the last query, decay, and (vectors) the last query's term: one pass.
+        last = K - 1
+        apply(everyone, last, [-decay[i] * mus[i] - (lrs[i] * w[last][i] if is_vec[i] else 0.0) for i in everyone], decay)
+        for k in range(last):
+            if vectors:
+                apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors])
+        if matrices:
+            bufs = [st.get("momentum_buffer") for st in states]
+            for k in range(K):
+                beta = [float(slots[i].group["momentum"]) for i in matrices] if k == 0 else 1.0
+                apply(matrices, k, [w[k][i] for i in matrices], beta, on=bufs)
+            for i in matrices:
+                slots[i].param.add_(bufs[i], alpha=-lrs[i])
+
+        # Covariance: a <- a - lr_cov g_a, with the a, c, p_k of this step.
+        for i, st in enumerate(states):
+            mu, lr_cov = mus[i], float(slots[i].group["lr_cov"])
+            if lr_cov == 0.0 or s_[i] == 0.0:
+                continue
+            a = st["a"]
+            coef = [d[k] / (K - 1) * mu * mu / D[i] for k in range(K)]
+            cols = sum(coef[k] * p[k][i] * stats[k][1][i] for k in range(K))
+            scale = sum(coef[k] * (1.0 + c[i] * (p[k][i] ** 2 - s_[i])) for k in range(K)) * m[i]
+            a.sub_(lr_cov * (cols - scale * a))
+        return mean_loss

@@ -1,0 +1,165 @@
+"""MeZO / ZO-SGD and MeZO-Adam (Malladi et al., 2023, https://arxiv.org/abs/2305.17333).
+
+Reference implementation of the paper: https://github.com/princeton-nlp/MeZO (``trainer.py``:
+``zo_perturb_parameters``, ``zo_step``, ``zo_update``), which regenerates ``z`` from
+``torch.manual_seed`` per tensor and takes four passes per step. Here ``z`` comes from the
+lorenza-philox-v1 stream through ``lorenza_kernels.seeded_axpby_`` and the restore and the update
+are one pass (``algorithms.md``, MeZO step 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import _checks
+from ._adam import adamw_update_
+from ._base import SeededOptimizer, Slot
+from ._noise import seeded_axpby_streams_
+from ._seeds import probe_seed
+
+__all__ = ["MeZO", "MeZOAdam"]
+
+
+class _TwoSidedZO(SeededOptimizer):
+    """Shared by MeZO and MeZO-Adam: the probes and the projected gradients ``g_j``."""
+
+    global_checks = {"num_probes": 1}
+
+    def _probe_step(self, closure: Callable[[], Any] | None):
+        closure = self._require_closure(closure)
+        t = self._global["step"] + 1
+        slots = self._slots()
+        q = self._global["num_probes"]
+        seeds = [probe_seed(self.seed, t, j) for j in range(q)]
+        mus = [float(s.group["mu"]) for s in slots]
+        losses, _, ok = self._two_sided_probes(closure, slots, seeds, mus)
+        self._global["step"] = t
+        # g[j][i]: the projected gradient of probe j, per slot (a group's mu scales its directions).
+        g = [[(losses[2 * j] - losses[2 * j + 1]) / (2.0 * mu) for mu in mus] for j in range(q)]
+        loss = torch.tensor(sum(losses) / len(losses))
+        return slots, seeds, mus, g, loss, ok
+
+
+class MeZO(_TwoSidedZO):
+    r"""MeZO (zeroth-order SGD with two-sided seeded probes), ``algorithms.md`` "MeZO".
+
+    Per step ``t`` and probe ``j < q`` (``q = num_probes``), with ``z_j`` drawn from
+    ``(probe_seed(seed, t, j), stream of the parameter)``:
+
+    .. math::
+        g_j = \frac{L(\theta + \mu z_j) - L(\theta - \mu z_j)}{2\mu}, \qquad
+        \theta \leftarrow (1 - \eta\lambda)\theta - \frac{\eta}{q}\sum_j g_j z_j .
+
+    The restore of the last probe and its update are one ``seeded_axpby_`` pass:
+    ``theta <- (1 - eta lambda)(theta + mu z) - eta g z``; the other probes' terms take one pass
+    each. ``mu``, ``lr`` and ``weight_decay`` are per group (a group's ``mu`` scales its part of the
+    direction and its ``g_j``). Memory: the parameters only; the state holds no tensor.
+
+    The closure is called ``2 q`` times per step under ``torch.no_grad()``; under
+    ``torch.distributed`` the ``2 q`` losses are averaged over the ranks in one all-reduce, so
+    every rank takes the same step. A non-finite loss skips the step (perturbation removed, skip
+    counted, one warning). ``step`` returns the mean of the probe losses.
+    """
+
+    group_checks = {**SeededOptimizer.group_checks, "mu": _checks.positive}
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        *,
+        mu: float = 1e-3,
+        weight_decay: float = 0.0,
+        num_probes: int = 1,
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(lr=lr, mu=mu, weight_decay=weight_decay)
+        super().__init__(params, defaults, seed=seed, state_dtype=None, options={"num_probes": num_probes})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
+        slots, seeds, mus, g, loss, ok = self._probe_step(closure)
+        if not ok:
+            return loss
+        q = len(seeds)
+        lrs = [float(s.group["lr"]) for s in slots]
+        decay = [1.0 - lr * float(s.group["weight_decay"]) for lr, s in zip(lrs, slots)]
+        last = q - 1
+        # theta is at theta0 - mu z_last: restore and update in one pass.
+        alpha = [b * mu - lr * gi / q for b, mu, lr, gi in zip(decay, mus, lrs, g[last])]
+        self._apply_noise_(slots, seeds[last], alpha, decay)
+        for j in range(last):
+            self._apply_noise_(slots, seeds[j], [-lr * gi / q for lr, gi in zip(lrs, g[j])])
+        return loss
+
+
+class MeZOAdam(_TwoSidedZO):
+    r"""MeZO-Adam: the zeroth-order gradient estimate ``(1/q) sum_j g_j z_j`` fed to AdamW.
+
+    ``g_j`` as in :class:`MeZO`. The estimate is regenerated per parameter into one temporary of
+    that parameter's size (float32), then the AdamW update of ``torch.optim.AdamW`` is applied
+    (``_adam.adamw_update_``). State: ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` in
+    ``state_dtype`` (float32 by default): two parameter-sized buffers, the memory table's
+    "2 x params". Exists as a baseline (``algorithms.md``).
+    """
+
+    group_checks = {
+        **SeededOptimizer.group_checks,
+        "mu": _checks.positive,
+        "betas": _checks.betas,
+        "eps": _checks.non_negative,
+    }
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        *,
+        mu: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        num_probes: int = 1,
+        seed: int = 0,
+        state_dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        defaults = dict(lr=lr, mu=mu, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, seed=seed, state_dtype=state_dtype, options={"num_probes": num_probes})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
+        slots, seeds, mus, g, loss, ok = self._probe_step(closure)
+        if not ok:
+            return loss
+        self._apply_noise_(slots, seeds[-1], mus)  # back from theta - mu z_last
+        q = len(seeds)
+        for slot in slots:
+            grad = self._estimate(slot, seeds, [g[j][slot.index] / q for j in range(q)])
+            self._update_param(slot, grad)
+        return loss
+
+    @staticmethod
+    def _estimate(slot: Slot, seeds: Sequence[int], coefs: Sequence[float]) -> torch.Tensor:
+        """``sum_j coefs[j] z_j`` for one parameter, float32."""
+        buf = torch.empty(slot.param.shape, dtype=torch.float32, device=slot.param.device)
+        for j, (seed, c) in enumerate(zip(seeds, coefs)):
+            seeded_axpby_streams_([buf], [slot.stream], seed, c, 0.0 if j == 0 else 1.0)
+        return buf
+
+    def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
+        group = slot.group
+        beta1, beta2 = group["betas"]
+        adamw_update_(
+            slot.param,
+            grad,
+            self.state[slot.param],
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            state_dtype=self.state_dtype,
+        )
