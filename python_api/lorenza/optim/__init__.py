@@ -1,4 +1,5 @@
-"""Optimizers for memory-efficient fine-tuning: MeZO, MeZO-Adam, AdaZo-SAM, SAM, LOREN.
+"""Optimizers for memory-efficient fine-tuning: MeZO, MeZO-Adam, AdaZo-SAM, SAM, LOREN, LORENZA,
+Lorenza+, GaLore-AdamW.
 
 The mathematics, the choices and the closure protocol are those of ``shared/docs/algorithms.md``.
 Every optimizer regenerates its noise from ``(probe_seed(seed, step, probe), stream)`` through the
@@ -8,6 +9,9 @@ public functions of :mod:`lorenza_kernels` and never stores it.
 * :class:`AdaZoSAM`: AdamW with a zeroth-order SAM ascent, one backward pass per step.
 * :class:`SAM`: the two-backward baseline (davda54/sam calling convention).
 * :class:`Loren`: zeroth-order with a learned low-rank perturbation covariance.
+* :class:`Lorenza`, :class:`LorenzaPlus`: AdaZo-SAM with Adam and the probes in a rank-r gradient
+  subspace (Lorenza+ adds back the orthogonal part of the gradient).
+* :class:`GaLoreAdamW`: projected Adam, a drop-in replacement of ``galore_torch.GaLoreAdamW``.
 * :func:`make_closure`: a correct closure from a loss function; :func:`probe_seed`: the seed of
   any probe of any step, to regenerate its noise.
 * :class:`SeededOptimizer`: the base class (groups, seeds and streams, probes, per-layer hooks,
@@ -20,14 +24,19 @@ from ._base import Perturbation, SeededOptimizer, Slot
 from ._seeds import RESERVED_PROBE_BASE, probe_seed, splitmix64
 from .adazo_sam import AdaZoSAM
 from .closure import make_closure
+from .galore import GaLoreAdamW
 from .loren import Loren
+from .lorenza import Lorenza, LorenzaPlus
 from .mezo import MeZO, MeZOAdam
 from .sam import SAM
 
 __all__ = [
     "RESERVED_PROBE_BASE",
     "AdaZoSAM",
+    "GaLoreAdamW",
     "Loren",
+    "Lorenza",
+    "LorenzaPlus",
     "SeededOptimizer",
     "MeZO",
     "MeZOAdam",
