@@ -53,7 +53,8 @@ def test_lowers_held_out_loss():
             opt.step(closure)
         results[name] = (before, held_out())
         assert "proj" in opt.state[model[0].weight] and "proj" in opt.state[model[2].weight]  # both projected
-        print(f"\nheld-out MSE {name:12s} rank {RANK} {STEPS} steps (svd={SVD}): {before:.4f} -> {results[name][1]:.4f}")
+        svd = opt._global["svd"]
+        print(f"\nheld-out MSE {name:12s} rank {RANK} {STEPS} steps (svd={svd}): {before:.4f} -> {results[name][1]:.4f}")
     print(
         f"\nLORENZA vs GaLoreAdamW held-out MSE: {results['LORENZA'][1]:.4f} vs {results['GaLoreAdamW'][1]:.4f} "
         f"(LorenzaPlus {results['LorenzaPlus'][1]:.4f})"

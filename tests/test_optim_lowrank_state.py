@@ -12,7 +12,9 @@ import pytest
 import torch
 from _optim_common import SEED, assert_params_equal, mlp_closure, single_thread  # noqa: F401
 
-from lorenza.optim import GaLoreAdamW, Lorenza, LorenzaPlus
+import lorenza_kernels as lk
+from lorenza.optim import RESERVED_PROBE_BASE, GaLoreAdamW, Lorenza, LorenzaPlus, make_closure, probe_seed
+from lorenza.optim._subspace import randomized_available
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,6 +50,10 @@ FACTORIES = {
     "galore": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, weight_decay=0.1, seed=seed, **LOW),
     "galore_per_layer": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, seed=seed, per_layer=True, **LOW),
 }
+if randomized_available():  # lorenza_kernels' batched randomized SVD (kernels.md section 3)
+    FACTORIES["lorenza_randomized"] = lambda ps, seed: Lorenza(ps, lr=1e-2, num_probes=2, seed=seed, **LOW)
+    FACTORIES["galore_randomized"] = lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, svd="randomized", seed=seed, **LOW)
+needs_rsvd = pytest.mark.skipif(not randomized_available(), reason="lorenza_kernels has no randomized_range_list yet")
 
 
 def _run(model, opt, x, y, steps, nan_step=None):
@@ -96,12 +102,16 @@ def test_state_dict_round_trip_across_a_refresh(name):
     assert st["updates"] == 6 and st["refreshes"] == 3 and st["proj"].shape == (6, 2)
 
 
-@pytest.mark.parametrize("q", [1, 3])
-def test_per_layer_equals_normal_mode(q):
+PER_LAYER = [(1, "exact"), (3, "exact"), pytest.param(1, "randomized", marks=needs_rsvd)]
+
+
+@pytest.mark.parametrize("q, svd", PER_LAYER, ids=[f"q{q}-{s}" for q, s in [(1, "exact"), (3, "exact"), (1, "randomized")]])
+def test_per_layer_equals_normal_mode(q, svd):
+    """Per-layer mode refreshes each basis alone in its hook (same sketch stream): same result."""
     x, y = _data()
     m_a, m_b = Deep(seed=5), Deep(seed=5)
-    a = LorenzaPlus(m_a.parameters(), lr=1e-2, num_probes=q, rho=0.1, svd="exact", seed=SEED, **LOW)
-    b = LorenzaPlus(m_b.parameters(), lr=1e-2, num_probes=q, rho=0.1, svd="exact", seed=SEED, per_layer=True, **LOW)
+    a = LorenzaPlus(m_a.parameters(), lr=1e-2, num_probes=q, rho=0.1, svd=svd, seed=SEED, **LOW)
+    b = LorenzaPlus(m_b.parameters(), lr=1e-2, num_probes=q, rho=0.1, svd=svd, seed=SEED, per_layer=True, **LOW)
     init_unused = m_a.unused.detach().clone()
     for _ in range(5):
         a.step(mlp_closure(m_a, x, y))
@@ -110,6 +120,23 @@ def test_per_layer_equals_normal_mode(q):
     assert_params_equal(list(m_a.parameters()), list(m_b.parameters()))
     _state_equal(a.state_dict(), b.state_dict())
     torch.testing.assert_close(m_b.unused.detach(), init_unused, atol=1e-6, rtol=0)
+
+
+@needs_rsvd
+def test_randomized_bases_are_reproducible():
+    """Step 1's bases: the randomized range of that step's gradient (at theta: no ascent at step 1),
+    sketch seed probe_seed(seed, 1, RESERVED_PROBE_BASE), planned matrix k on stream k."""
+    x, y = _data()
+    model, probe = Deep(seed=4), Deep(seed=4)
+    opt = Lorenza(model.parameters(), lr=1e-2, oversample=3, power_iters=2, seed=SEED, **LOW)
+    opt.step(mlp_closure(model, x, y))
+    make_closure(lambda: torch.nn.functional.mse_loss(probe(x), y))()
+    seed = probe_seed(SEED, 1, RESERVED_PROBE_BASE)
+    for k, (layer, side) in enumerate(((probe.fc1, "left"), (probe.fc2, "right"))):
+        want = lk.randomized_range(layer.weight.grad, 2, side=side, oversample=3, power_iters=2, seed=seed, first_stream=k)
+        got = opt.state[model.fc1.weight if k == 0 else model.fc2.weight]["proj"]
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.t() @ got, torch.eye(2), atol=1e-5, rtol=0)
 
 
 SKIP_CASES = [("lorenza", 0), ("lorenza", 3), ("lorenza", 4), ("lorenza_per_layer", 2), ("galore", 0)]
