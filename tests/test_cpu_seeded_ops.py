@@ -242,3 +242,12 @@ def test_binding_rejects_bad_arguments():
             _C.seeded_axpby_cpu(**{**args, **bad})
     with pytest.raises(ValueError):
         _C.set_cpu_isa("no-such-isa")
+
+
+def test_direct_op_call_is_checked():
+    """torch.ops bypasses the public checks; the CPU wrapper must still refuse what would read out of bounds."""
+    with lk.use_backend("cpu"):
+        with pytest.raises((ValueError, RuntimeError), match="row_vectors"):
+            torch.ops.lorenza_kernels.seeded_axpby_([torch.zeros(4, 5)], 0, [1.0], [1.0], 0, [torch.zeros(3)], [1.0])
+        with pytest.raises((ValueError, RuntimeError), match="contiguous"):
+            torch.ops.lorenza_kernels.seeded_axpby_([torch.zeros(5, 4).t()], 0, [1.0], [1.0], 0)

@@ -2,23 +2,15 @@
 // that use them (the conversions of common/dtype.h branch, and a `_Float16` cast stays one scalar
 // vcvtps2ph per element even with F16C). Round to nearest even, as torch does; Inf stays Inf,
 // NaN stays NaN (quiet), subnormals are exact.
-//
-// Where a candidate needs a float operation the choice is made with bit masks, not ?:, because gcc
-// sinks the operation into the branch that uses it and then, under its default -ftrapping-math,
-// refuses to if-convert a float operation (no vectorization without AVX-512 masking).
+// Where a candidate needs a float operation the choice is made with select_bits, not ?: (see there).
 #pragma once
 #include <cstdint>
 
-#include "cpu/gaussian_tile.h"  // as_float, as_bits, LORENZA_CPU_INLINE
+#include "cpu/gaussian_tile.h"  // as_float, as_bits, select_bits, LORENZA_CPU_INLINE
 #include "common/dtype.h"
 
 namespace lorenza {
 namespace cpu {
-
-// c ? a : b on bits, as data flow (see above)
-LORENZA_CPU_INLINE uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
-  return b ^ ((a ^ b) & (0u - static_cast<uint32_t>(c)));
-}
 
 LORENZA_CPU_INLINE float bf16_bits_to_float(uint16_t h) { return as_float(static_cast<uint32_t>(h) << 16); }
 

@@ -43,9 +43,11 @@ LORENZA_CPU_INLINE StreamKey make_key(uint64_t seed, uint32_t stream) {
   return StreamKey{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), stream};
 }
 
-// Philox words of blocks b0 .. b0 + 15 sorted by their Box-Muller role: radius[j] and
-// radius[16 + j] are words 0 and 2 of block b0 + j (fed to the log), angle[j] and angle[16 + j]
-// words 1 and 3 (fed to the sincos).
+// Philox words of blocks b0 .. b0 + 15 in Box-Muller pair order: pair p = 2j + h of block b0 + j
+// has radius[p] = word 2h (fed to the log) and angle[p] = word 2h + 1 (fed to the sincos), and
+// gives elements 2p (r cos) and 2p + 1 (r sin). Storing words 0 and 2 interleaved is free in the
+// 64-bit-lane layout (each lane stored as word 0 | word 2 << 32), leaving only a 2-way interleave
+// of the floats instead of a 4-way one.
 struct PhiloxTile {
   alignas(64) uint32_t radius[kPairs];
   alignas(64) uint32_t angle[kPairs];
@@ -57,18 +59,18 @@ inline void philox_tile_scalar(const StreamKey& key, uint64_t b0, PhiloxTile& w)
     const uint64_t b = b0 + j;
     const Philox4 x = philox4x32_10(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), key.stream, 0u,
                                     key.k0, key.k1);
-    w.radius[j] = x.x[0];
-    w.angle[j] = x.x[1];
-    w.radius[kTileBlocks + j] = x.x[2];
-    w.angle[kTileBlocks + j] = x.x[3];
+    w.radius[2 * j] = x.x[0];
+    w.angle[2 * j] = x.x[1];
+    w.radius[2 * j + 1] = x.x[2];
+    w.angle[2 * j + 1] = x.x[3];
   }
 }
 
 #ifdef LORENZA_CPU_X86
-// One Philox round on V vectors of 64-bit lanes. VEC is the ISA's integer vector type; the
-// callers pass the matching intrinsics as the mul/shift/xor helpers below, so the round itself is
-// written once. Not inlined into callers of another ISA: each philox_tile_* is its own function
-// (one call per 64 elements).
+// The ten Philox rounds on arrays c0..c3 of V integer vectors of 64-bit lanes, written once for
+// the three ISAs, which pass their own multiply / shift / xor / broadcast intrinsics. Each
+// philox_tile_* is a noinline function compiled for its ISA (one call per 64 elements), so the
+// generic callers in seeded_ops.cpp need no target attribute to call it.
 #define LORENZA_PHILOX_ROUNDS(V, MUL, SRL32, XOR, SET1)                          \
   uint32_t k0 = key.k0, k1 = key.k1;                                             \
   for (int r = 0; r < kPhiloxRounds; ++r) {                                      \
@@ -103,13 +105,12 @@ __attribute__((noinline)) inline void philox_tile_sse2(const StreamKey& key, uin
       c3[v] = _mm_setzero_si128();
     }
     LORENZA_PHILOX_ROUNDS(V, _mm_mul_epu32, srl32_128, _mm_xor_si128, _mm_set1_epi64x)
-    // the low words of the two 64-bit lanes are 32-bit lanes 0 and 2
-#define LORENZA_STORE(dst, x) _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_shuffle_epi32(x, 0x08))
+    const __m128i lo = _mm_set1_epi64x(0xFFFFFFFFLL);
+#define LORENZA_STORE(dst, a, b) \
+  _mm_store_si128(reinterpret_cast<__m128i*>(dst), _mm_or_si128(_mm_and_si128(a, lo), _mm_slli_epi64(b, 32)))
     for (int v = 0; v < V; ++v) {
-      LORENZA_STORE(w.radius + half + 2 * v, c0[v]);
-      LORENZA_STORE(w.angle + half + 2 * v, c1[v]);
-      LORENZA_STORE(w.radius + kTileBlocks + half + 2 * v, c2[v]);
-      LORENZA_STORE(w.angle + kTileBlocks + half + 2 * v, c3[v]);
+      LORENZA_STORE(w.radius + 2 * (half + 2 * v), c0[v], c2[v]);
+      LORENZA_STORE(w.angle + 2 * (half + 2 * v), c1[v], c3[v]);
     }
 #undef LORENZA_STORE
   }
@@ -131,14 +132,11 @@ LORENZA_TARGET_AVX2 __attribute__((noinline)) inline void philox_tile_avx2(const
     c3[v] = _mm256_setzero_si256();
   }
   LORENZA_PHILOX_ROUNDS(V, _mm256_mul_epu32, srl32_256, _mm256_xor_si256, _mm256_set1_epi64x)
-  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-#define LORENZA_STORE(dst, x) \
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(x, even)))
+#define LORENZA_STORE(dst, a, b) \
+  _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_blend_epi32(a, _mm256_slli_epi64(b, 32), 0xAA))
   for (int v = 0; v < V; ++v) {
-    LORENZA_STORE(w.radius + 4 * v, c0[v]);
-    LORENZA_STORE(w.angle + 4 * v, c1[v]);
-    LORENZA_STORE(w.radius + kTileBlocks + 4 * v, c2[v]);
-    LORENZA_STORE(w.angle + kTileBlocks + 4 * v, c3[v]);
+    LORENZA_STORE(w.radius + 8 * v, c0[v], c2[v]);
+    LORENZA_STORE(w.angle + 8 * v, c1[v], c3[v]);
   }
 #undef LORENZA_STORE
 }
@@ -163,12 +161,11 @@ LORENZA_TARGET_AVX512 __attribute__((noinline)) inline void philox_tile_avx512(c
     c3[v] = _mm512_setzero_si512();
   }
   LORENZA_PHILOX_ROUNDS(V, _mm512_mul_epu32, srl32_512, _mm512_xor_si512, _mm512_set1_epi64)
-#define LORENZA_STORE(dst, x) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi64_epi32(x))
+#define LORENZA_STORE(dst, a, b) \
+  _mm512_store_si512(dst, _mm512_mask_blend_epi32(0xAAAA, a, _mm512_slli_epi64(b, 32)))
   for (int v = 0; v < V; ++v) {
-    LORENZA_STORE(w.radius + 8 * v, c0[v]);
-    LORENZA_STORE(w.angle + 8 * v, c1[v]);
-    LORENZA_STORE(w.radius + kTileBlocks + 8 * v, c2[v]);
-    LORENZA_STORE(w.angle + kTileBlocks + 8 * v, c3[v]);
+    LORENZA_STORE(w.radius + 16 * v, c0[v], c2[v]);
+    LORENZA_STORE(w.angle + 16 * v, c1[v], c3[v]);
   }
 #undef LORENZA_STORE
 }
@@ -190,6 +187,13 @@ LORENZA_CPU_INLINE uint32_t as_bits(float f) {
   return u;
 }
 
+// c ? a : b on bits, as data flow: gcc sinks a float operation that feeds only one side of a ?:
+// into a branch, and then (under its default -ftrapping-math) will not if-convert it, so the loop
+// is not vectorized without AVX-512 masking.
+LORENZA_CPU_INLINE uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
+  return b ^ ((a ^ b) & (0u - static_cast<uint32_t>(c)));
+}
+
 // rng.md step 5; x >> 9 < 2^23 converts exactly through int32 (cheaper than uint32 on x86).
 LORENZA_CPU_INLINE float uniform_of(uint32_t x) {
   return (static_cast<float>(static_cast<int32_t>(x >> 9)) + 0.5f) * 1.1920928955078125e-7f;
@@ -201,8 +205,7 @@ LORENZA_CPU_INLINE float uniform_of(uint32_t x) {
 // (https://www.netlib.org/cephes/, single/logf.c), about 1 ulp on that interval.
 LORENZA_CPU_INLINE float minus_two_log(float u) {
   // m in [sqrt(1/2), sqrt(2)) from the bits: the mantissa gets exponent 0 or -1 depending on an
-  // integer compare. Selects on float values (m < c ? 2m - 1 : m - 1) would block vectorization:
-  // under gcc's default -ftrapping-math float operations are not if-converted.
+  // integer compare (m < c ? 2m - 1 : m - 1 on floats would not vectorize, see select_bits).
   const uint32_t bits = as_bits(u);
   const uint32_t mant = bits & 0x007FFFFFu;
   const uint32_t low = mant < 0x003504F3u ? 1u : 0u;                  // mantissa below sqrt(1/2)'s
@@ -239,29 +242,21 @@ LORENZA_CPU_INLINE void sincos_2pi(float u, float& s_out, float& c_out) {
   const bool swap = (q & 1) != 0;
   const uint32_t s_sign = static_cast<uint32_t>(q & 2) << 30;
   const uint32_t c_sign = static_cast<uint32_t>((q + 1) & 2) << 30;
-  s_out = as_float(as_bits(swap ? c : s) ^ s_sign);
-  c_out = as_float(as_bits(swap ? s : c) ^ c_sign);
+  s_out = as_float(select_bits(swap, as_bits(c), as_bits(s)) ^ s_sign);
+  c_out = as_float(select_bits(swap, as_bits(s), as_bits(c)) ^ c_sign);
 }
 
-// z[0 .. 64) = elements 4 b0 .. 4 b0 + 63 of the stream; `philox` is one of philox_tile_*.
+// z[0 .. 64) = elements 4 b0 .. 4 b0 + 63 of the stream; `Philox` is one of philox_tile_*.
 template <void (*Philox)(const StreamKey&, uint64_t, PhiloxTile&)>
 LORENZA_CPU_INLINE void gaussian_tile(const StreamKey& key, uint64_t b0, float* __restrict z) {
   PhiloxTile w;
   Philox(key, b0, w);
-  alignas(64) float zc[kPairs], zs[kPairs];  // r cos, r sin of pair j
-  for (int j = 0; j < kPairs; ++j) {
-    const float r = std::sqrt(minus_two_log(uniform_of(w.radius[j])));
+  for (int p = 0; p < kPairs; ++p) {
+    const float r = std::sqrt(minus_two_log(uniform_of(w.radius[p])));
     float s, c;
-    sincos_2pi(uniform_of(w.angle[j]), s, c);
-    zc[j] = r * c;
-    zs[j] = r * s;
-  }
-  // element order: block j gives (zc[j], zs[j], zc[16 + j], zs[16 + j])
-  for (int j = 0; j < kTileBlocks; ++j) {
-    z[4 * j + 0] = zc[j];
-    z[4 * j + 1] = zs[j];
-    z[4 * j + 2] = zc[kTileBlocks + j];
-    z[4 * j + 3] = zs[kTileBlocks + j];
+    sincos_2pi(uniform_of(w.angle[p]), s, c);
+    z[2 * p] = r * c;
+    z[2 * p + 1] = r * s;
   }
 }
 

@@ -281,7 +281,8 @@ void require(bool ok, const std::string& msg) {
 
 template <class T>
 void require_len(const std::vector<T>& v, size_t k, const char* name) {
-  require(v.size() == k, std::string(name) + ": expected " + std::to_string(k) + " values, got " + std::to_string(v.size()));
+  require(v.size() == k,
+          std::string(name) + ": expected " + std::to_string(k) + " values, got " + std::to_string(v.size()));
 }
 
 uint32_t check_streams(int64_t first_stream, size_t count) {
@@ -352,7 +353,8 @@ void bind_seeded_ops_cpu(py::module_& m) {
         for (size_t k = 0; k < K; ++k) {
           const std::string at = "[" + std::to_string(k) + "]";
           require(numels[k] >= 0 && ncols[k] >= 0, "numels" + at + ", ncols" + at + ": negative");
-          require(ncols[k] == 0 ? numels[k] == 0 : numels[k] % ncols[k] == 0, "ncols" + at + ": must divide numels" + at);
+          require(ncols[k] == 0 ? numels[k] == 0 : numels[k] % ncols[k] == 0,
+                  "ncols" + at + ": must divide numels" + at);
           require(ncols[k] == 0 || out_ptrs[k] != 0, "out_ptrs" + at + ": null");
         }
         py::gil_scoped_release nogil;
