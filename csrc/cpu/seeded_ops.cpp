@@ -202,7 +202,8 @@ std::vector<Kernels> supported_kernels() {
 #ifdef LORENZA_CPU_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     ks.push_back({"avx512", axpby_avx512, colsum_avx512});
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     ks.push_back({"avx2", axpby_avx2, colsum_avx2});
@@ -224,8 +225,6 @@ const Kernels& kernels() { return all_kernels()[g_selected.load(std::memory_orde
 int threads(int requested, int64_t pieces) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, pieces)));
 }
-
-}  // namespace
 
 void seeded_axpby(const std::vector<AxpbyArgs>& args, float* norms, int num_threads) {
   const int64_t K = static_cast<int64_t>(args.size());
@@ -279,6 +278,7 @@ void seeded_colsum(StreamKey key, int64_t numel, int64_t n, float* out, int num_
   }
 }
 
+}  // namespace
 }  // namespace cpu
 
 // --- Python bindings ------------------------------------------------------------------------------
@@ -313,13 +313,9 @@ void bind_seeded_ops_cpu(py::module_& m) {
          int64_t first_stream, const Floats& alpha, const Floats& beta, const Ptrs& row_ptrs, const Floats& gamma,
          uintptr_t norms_ptr, int num_threads) {
         const size_t K = ptrs.size();
-        require_len(numels, K, "numels");
-        require_len(dtypes, K, "dtypes");
-        require_len(ncols, K, "ncols");
-        require_len(alpha, K, "alpha");
-        require_len(beta, K, "beta");
-        require_len(row_ptrs, K, "row_ptrs");
-        require_len(gamma, K, "gamma");
+        require_len(numels, K, "numels"), require_len(dtypes, K, "dtypes"), require_len(ncols, K, "ncols");
+        require_len(alpha, K, "alpha"), require_len(beta, K, "beta");
+        require_len(row_ptrs, K, "row_ptrs"), require_len(gamma, K, "gamma");
         const uint32_t stream0 = check_streams(first_stream, K);
         require(K == 0 || norms_ptr != 0, "norms_ptr: null");
         std::vector<cpu::AxpbyArgs> args(K);
@@ -333,12 +329,8 @@ void bind_seeded_ops_cpu(py::module_& m) {
                   "ncols" + at + ": must divide numels" + at);
           // gamma == 0 skips the term, as the reference does (a NaN in the row stays out).
           const bool row = row_ptrs[k] != 0 && gamma[k] != 0.0;
-          args[k] = cpu::AxpbyArgs{reinterpret_cast<void*>(ptrs[k]),
-                                   numels[k],
-                                   ncols[k],
-                                   dtypes[k],
-                                   static_cast<float>(alpha[k]),
-                                   static_cast<float>(beta[k]),
+          args[k] = cpu::AxpbyArgs{reinterpret_cast<void*>(ptrs[k]), numels[k], ncols[k], dtypes[k],
+                                   static_cast<float>(alpha[k]), static_cast<float>(beta[k]),
                                    static_cast<float>(gamma[k]),
                                    row ? reinterpret_cast<const float*>(row_ptrs[k]) : nullptr,
                                    cpu::make_key(seed, stream0 + static_cast<uint32_t>(k))};
