@@ -239,8 +239,10 @@ BAD = [
     (lambda ps: Lorenza(ps, power_iters=-1), ValueError, "power_iters"),
     (lambda ps: Lorenza(ps, num_probes=0), ValueError, "num_probes"),
     (lambda ps: LorenzaPlus(ps, scale=float("nan")), ValueError, "scale"),
-    (lambda ps: Lorenza([{"params": ps, "proj_type": "std"}]), ValueError, "proj_type"),
+    (lambda ps: Lorenza([{"params": ps, "proj_type": "std"}], svd="exact"), ValueError, "proj_type"),
 ]
+if not randomized_available():
+    BAD.append((lambda ps: Lorenza(ps, svd="randomized"), RuntimeError, "svd: 'randomized' needs"))
 
 
 @pytest.mark.parametrize("build, exc, match", BAD, ids=[f"case{i}" for i in range(len(BAD))])

@@ -46,9 +46,11 @@ class Lorenza(LowRankMixin, AdaZoSAM):
     4. ``W <- W (1 - lr wd) - lr scale lift(N) - lr residual_scale (G - lift(R))`` with ``N`` the
        torch.optim.AdamW direction of ``R = Q^T G`` / ``G Q`` (``lorenza_kernels.projected_adam_step_``).
 
-    **choice** (algorithms.md): a step at which some projected parameter has no basis yet (step 1;
-    the first step of a parameter added later) takes its gradient at ``theta`` (no probes, no
-    ascent) and builds the bases from it. ``rank``, ``update_interval``, ``scale`` and
+    **choice** (algorithms.md): step 1 has no subspace yet; it takes its gradient at ``theta`` (no
+    probes, no ascent) and builds the bases from it. A projected parameter that has no basis at a
+    later step (added with ``add_param_group``, unfrozen, or without a gradient so far) is not
+    probed at that step (its share of the probe and of ``eps`` is zero) and gets its basis from
+    that step's gradient. ``rank``, ``update_interval``, ``scale`` and
     ``residual_scale`` are per group (``rank=None``: the group is dense); the rank of a parameter is
     fixed once it has a basis. ``moment_transform``, ``svd``, ``oversample``, ``power_iters`` and
     ``num_probes`` are global and travel in ``state_dict()``.
@@ -90,15 +92,16 @@ class Lorenza(LowRankMixin, AdaZoSAM):
         per_layer: bool = False,
     ) -> None:
         check_choice("moment_transform", moment_transform, MOMENT_TRANSFORMS)
-        check_svd("svd", svd)
         for key, value in (("oversample", oversample), ("power_iters", power_iters)):
             _checks.int_at_least(key, value, 0)
+        _checks.int_at_least("num_probes", num_probes, 1)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho, mu=mu, rank=rank,
             update_interval=update_interval, scale=scale, residual_scale=residual_scale,
         )  # fmt: skip
         for key, value in defaults.items():
             self.group_checks[key](key, value)
+        check_svd("svd", svd)  # last: the other errors name the argument at fault first
         options = {"num_probes": num_probes, "oversample": oversample, "power_iters": power_iters}
         # AdaZoSAM.__init__ would drop the low-rank keys: go straight to SeededOptimizer's.
         super(AdaZoSAM, self).__init__(params, defaults, seed=seed, per_layer=per_layer, options=options)
@@ -123,7 +126,8 @@ class Lorenza(LowRankMixin, AdaZoSAM):
             self._step_plan = None
 
     def _wants_ascent(self, step: int, slots: Sequence[Slot]) -> bool:
-        return super()._wants_ascent(step, slots) and self._has_all_bases(self._step_plan)
+        # algorithms.md's choice: step 1 has no subspace yet; it takes its gradient at theta.
+        return step > 1 and super()._wants_ascent(step, slots)
 
     def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
         lay = self._step_plan.layouts[slot.index]
@@ -151,8 +155,10 @@ class Lorenza(LowRankMixin, AdaZoSAM):
             raise NotImplementedError("Lorenza probes take no row vectors")
         n = len(slots)
         alphas, betas = per_slot(alpha, n, "alpha"), per_slot(beta, n, "beta")
-        projected = [k for k, s in enumerate(slots) if "proj" in self.state.get(s.param, {})]
-        dense = sorted(set(range(n)) - set(projected))
+        layouts = self._step_plan.layouts
+        dense = [k for k, s in enumerate(slots) if layouts[s.index] is None]
+        # A projected parameter without a basis yet (added or unfrozen after step 1) is not probed.
+        projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None and "proj" in self.state[s.param]]
         device = slots[0].param.device if n else torch.device("cpu")
         out = torch.zeros(n, dtype=torch.float32, device=device)
         if dense:
