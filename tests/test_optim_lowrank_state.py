@@ -139,6 +139,22 @@ def test_randomized_bases_are_reproducible():
         torch.testing.assert_close(got.t() @ got, torch.eye(2), atol=1e-5, rtol=0)
 
 
+def test_matrix_without_basis_is_not_probed():
+    """Step 1 takes no probe; later steps probe every parameter that has a basis or is dense. A
+    matrix that has never had a gradient has no basis: it is left exactly as it was."""
+    x, y = _data()
+    model = Deep(seed=2)
+    model.spare = torch.nn.Parameter(torch.randn(7, 5))  # projectable (rank 2 < 5), never used
+    opt = Lorenza(model.parameters(), lr=1e-2, num_probes=2, svd="exact", seed=SEED, **LOW)
+    spare = model.spare.detach().clone()
+    calls = []
+    for _ in range(3):
+        closure = mlp_closure(model, x, y)
+        opt.step(lambda closure=closure: calls.append(torch.is_grad_enabled()) or closure())
+    assert calls == [True] + [False] * 4 + [True] + [False] * 4 + [True]  # 2q probes from step 2
+    assert torch.equal(model.spare, spare) and not opt.state.get(model.spare)
+
+
 SKIP_CASES = [("lorenza", 0), ("lorenza", 3), ("lorenza", 4), ("lorenza_per_layer", 2), ("galore", 0)]
 
 
