@@ -54,7 +54,8 @@ def test_lowers_held_out_loss():
         results[name] = (before, held_out())
         assert "proj" in opt.state[model[0].weight] and "proj" in opt.state[model[2].weight]  # both projected
         svd = opt._global["svd"]
-        print(f"\nheld-out MSE {name:12s} rank {RANK} {STEPS} steps (svd={svd}): {before:.4f} -> {results[name][1]:.4f}")
+        after = results[name][1]
+        print(f"\nheld-out MSE {name:12s} rank {RANK} {STEPS} steps (svd={svd}): {before:.4f} -> {after:.4f}")
     print(
         f"\nLORENZA vs GaLoreAdamW held-out MSE: {results['LORENZA'][1]:.4f} vs {results['GaLoreAdamW'][1]:.4f} "
         f"(LorenzaPlus {results['LorenzaPlus'][1]:.4f})"

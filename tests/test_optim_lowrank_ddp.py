@@ -24,14 +24,17 @@ pytestmark = [
 WORLD, STEPS = 2, 4
 SVD = "randomized" if randomized_available() else "exact"
 CASES = {
-    "lorenza": lambda ps: Lorenza(ps, lr=2e-2, mu=1e-2, rho=0.1, num_probes=2, rank=2, update_interval=2, svd=SVD, seed=SEED),
+    "lorenza": lambda ps: Lorenza(
+        ps, lr=2e-2, mu=1e-2, rho=0.1, num_probes=2, rank=2, update_interval=2, svd=SVD, seed=SEED
+    ),
     "galore": lambda ps: GaLoreAdamW(ps, lr=2e-2, rank=2, update_interval=2, svd=SVD, seed=SEED),
 }
 
 
 def _model():
     torch.manual_seed(11)
-    return torch.nn.Sequential(torch.nn.Linear(10, 6), torch.nn.Tanh(), torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 2))
 
 
 def _data(n=32):

@@ -66,8 +66,10 @@ def _run(cls, q, transform, residual, steps=7, **extra):
         {"params": [params[i] for i in ORDER[:3]], **GROUP_A},
         {"params": [params[i] for i in ORDER[3:]], **GROUP_B},
     ]
+    if residual is not None:
+        extra["residual_scale"] = residual
     opt = cls(groups, lr=LR, scale=SCALE, betas=BETAS, eps=EPS, num_probes=q, moment_transform=transform,
-              svd="exact", seed=SEED, **({"residual_scale": residual} if residual is not None else {}), **extra)  # fmt: skip
+              svd="exact", seed=SEED, **extra)  # fmt: skip
     rs = opt.param_groups[0]["residual_scale"]
     shapes = [SHAPES[i] for i in ORDER]
     theta = [problem.init[i].float().double() for i in ORDER]
@@ -114,7 +116,10 @@ def _run(cls, q, transform, residual, steps=7, **extra):
                     Qn = _svd_basis(G, lay, opt.state[params[ORDER[s]]]["proj"].double())
                     if S["Q"] is not None and transform == "rotate":
                         O = Qn.t() @ S["Q"]
-                        S["M"], S["V"] = (O @ S["M"], (O * O) @ S["V"]) if side == "left" else (S["M"] @ O.t(), S["V"] @ (O * O).t())
+                        if side == "left":
+                            S["M"], S["V"] = O @ S["M"], (O * O) @ S["V"]
+                        else:
+                            S["M"], S["V"] = S["M"] @ O.t(), S["V"] @ (O * O).t()
                     if S["Q"] is not None and transform == "reset":
                         S["M"], S["V"], S["step"] = None, None, 0
                     S["Q"] = Qn
@@ -133,7 +138,8 @@ def _run(cls, q, transform, residual, steps=7, **extra):
                 W = W - LR * SCALE * _lift(S["Q"], N, lay[2]) - LR * rs * (G - _lift(S["Q"], R, lay[2]))
             theta[s] = W.reshape(sh)
         for s, i in enumerate(ORDER):
-            torch.testing.assert_close(params[i].detach().double(), theta[s], atol=2e-5, rtol=1e-4, msg=f"step {t} tensor {i}")
+            got = params[i].detach().double()
+            torch.testing.assert_close(got, theta[s], atol=2e-5, rtol=1e-4, msg=f"step {t} tensor {i}")
             ost = opt.state[params[i]]
             torch.testing.assert_close(ost["exp_avg"].double(), st[s]["M"], atol=1e-5, rtol=1e-4)
             assert ost["step"] == st[s]["step"]

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from _optim_common import SEED, assert_params_equal, single_thread  # noqa: F401
+from _optim_common import assert_params_equal, single_thread  # noqa: F401
 
 from lorenza.optim import GaLoreAdamW, Lorenza, make_closure
 

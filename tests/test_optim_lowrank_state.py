@@ -102,10 +102,14 @@ def test_state_dict_round_trip_across_a_refresh(name):
     assert st["updates"] == 6 and st["refreshes"] == 3 and st["proj"].shape == (6, 2)
 
 
-PER_LAYER = [(1, "exact"), (3, "exact"), pytest.param(1, "randomized", marks=needs_rsvd)]
+PER_LAYER = [
+    pytest.param(1, "exact", id="q1-exact"),
+    pytest.param(3, "exact", id="q3-exact"),
+    pytest.param(1, "randomized", id="q1-randomized", marks=needs_rsvd),
+]
 
 
-@pytest.mark.parametrize("q, svd", PER_LAYER, ids=[f"q{q}-{s}" for q, s in [(1, "exact"), (3, "exact"), (1, "randomized")]])
+@pytest.mark.parametrize("q, svd", PER_LAYER)
 def test_per_layer_equals_normal_mode(q, svd):
     """Per-layer mode refreshes each basis alone in its hook (same sketch stream): same result."""
     x, y = _data()
@@ -133,7 +137,8 @@ def test_randomized_bases_are_reproducible():
     make_closure(lambda: torch.nn.functional.mse_loss(probe(x), y))()
     seed = probe_seed(SEED, 1, RESERVED_PROBE_BASE)
     for k, (layer, side) in enumerate(((probe.fc1, "left"), (probe.fc2, "right"))):
-        want = lk.randomized_range(layer.weight.grad, 2, side=side, oversample=3, power_iters=2, seed=seed, first_stream=k)
+        kw = dict(side=side, oversample=3, power_iters=2, seed=seed, first_stream=k)
+        want = lk.randomized_range(layer.weight.grad, 2, **kw)
         got = opt.state[model.fc1.weight if k == 0 else model.fc2.weight]["proj"]
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
         torch.testing.assert_close(got.t() @ got, torch.eye(2), atol=1e-5, rtol=0)

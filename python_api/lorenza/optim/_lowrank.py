@@ -155,7 +155,9 @@ class LowRankMixin:
             return refresh_bases([G], [lay.rank], [lay.side], first_stream=pos, **opts)[0]
         if plan.bases is None:
             plan.bases = {}
-            todo = [(k, s) for s in plan.slots if (k := plan.position.get(s.index)) is not None and s.param.grad is not None]
+            todo = [
+                (plan.position[s.index], s) for s in plan.slots if s.index in plan.position and s.param.grad is not None
+            ]
             # One call per run of consecutive positions (one call in all when every planned
             # matrix has a gradient), so that matrix k always draws stream k.
             start = 0
@@ -226,9 +228,8 @@ class LowRankMixin:
 
     def state_bytes(self) -> int:
         """Bytes of every tensor of the optimizer's state (the memory table's "optimizer state")."""
-        return sum(
-            v.numel() * v.element_size() for st in self.state.values() for v in st.values() if isinstance(v, torch.Tensor)
-        )
+        tensors = [v for st in self.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        return sum(v.numel() * v.element_size() for v in tensors)
 
 
 def check_svd(name: str, value: Any) -> str:

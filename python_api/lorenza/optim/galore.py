@@ -115,9 +115,8 @@ class GaLoreAdamW(LowRankMixin, SeededOptimizer):
             update_interval=update_interval, scale=scale, proj_type="std",
         )  # fmt: skip
         self.group_checks["rank"]("rank", rank)  # checked even when galore-style groups leave it unused
-        super().__init__(
-            params, defaults, seed=seed, per_layer=per_layer, options={"oversample": oversample, "power_iters": power_iters}
-        )
+        options = {"oversample": oversample, "power_iters": power_iters}
+        super().__init__(params, defaults, seed=seed, per_layer=per_layer, options=options)
         self._global["svd"] = svd
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -162,7 +162,9 @@ class Lorenza(LowRankMixin, AdaZoSAM):
         device = slots[0].param.device if n else torch.device("cpu")
         out = torch.zeros(n, dtype=torch.float32, device=device)
         if dense:
-            sq = super()._apply_noise_([slots[k] for k in dense], seed, [alphas[k] for k in dense], [betas[k] for k in dense])
+            sq = super()._apply_noise_(
+                [slots[k] for k in dense], seed, [alphas[k] for k in dense], [betas[k] for k in dense]
+            )
             out[dense] = sq.to(device)
         for k in projected:
             out[k] = self._apply_subspace_noise_(slots[k], seed, alphas[k], betas[k]).to(device)
@@ -203,7 +205,9 @@ class LorenzaPlus(Lorenza):
     explicitly to override.
     """
 
-    def __init__(self, params: Any, lr: float = 1e-3, *, scale: float = 0.25, residual_scale: float | None = None, **kw):
+    def __init__(
+        self, params: Any, lr: float = 1e-3, *, scale: float = 0.25, residual_scale: float | None = None, **kw: Any
+    ) -> None:
         if residual_scale is None:
             _checks.non_negative("scale", scale)
             residual_scale = 0.1 * float(scale)
