@@ -17,11 +17,15 @@ from ._registry import available as available_backends
 from ._registry import use_backend
 from .rng import gaussian
 from .seeded_ops import seeded_axpby_, seeded_colsum, seeded_loren_stats
+from .rsvd import randomized_range, randomized_range_list, randomized_svd
 
 __all__ = [
     "available_backends",
     "backend_info",
     "gaussian",
+    "randomized_range",
+    "randomized_range_list",
+    "randomized_svd",
     "seeded_axpby_",
     "seeded_colsum",
     "seeded_loren_stats",

@@ -12,3 +12,4 @@ DEVICE_TYPES: tuple[str, ...] = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 if AVAILABLE:
     from . import seeded_ops  # noqa: F401
+    from . import rsvd  # noqa: F401  (randomized SVD sketch)
