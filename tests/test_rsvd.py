@@ -94,6 +94,9 @@ def test_full_rank_is_exact(device):
         for side in ("left", "right"):
             Q = lk.randomized_range(A, p, side=side)
             assert proj_error(A, Q, side) < 1e-4 * torch.linalg.matrix_norm(A.double())
+            # rank + oversample > min(m, n): the sketch is clamped to the whole space, the answer exact
+            Q = lk.randomized_range(A, p - 5, side=side, power_iters=0)
+            assert proj_error(A, Q, side) <= (1 + 1e-4) * optimal_error(A, p - 5)
 
 
 # --- determinism, batching, lists ----------------------------------------------------------------
@@ -303,6 +306,19 @@ def test_triton_sketch_matches_reference(case):
     got = triton_sketch(A, k, seed, streams)
     want = _registry.implementation("rsvd_sketch", "reference", dev)(A, k, seed, streams)
     torch.testing.assert_close(got, want, atol=1e-4 * math.sqrt(n), rtol=1e-5)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("n", [64, 50], ids=["quad", "per-element"])
+def test_triton_in_kernel_omega_is_the_stream(n):
+    """With A = I the sketch is Omega itself: every element within rng.md's 1e-5 of the reference."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    triton_sketch = require_backend("rsvd_sketch", "triton", dev)
+    streams, k, seed = [0, 2**32 - 1], 24, 2**63 + 99
+    eye = torch.eye(n, device=dev).expand(2, n, n)
+    omega = triton_sketch(eye, k, seed - 2**64, streams)
+    want = ref.sketch_matrix_t(streams, k, n, seed - 2**64, torch.device(dev)).mT
+    torch.testing.assert_close(omega, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.triton_interpret

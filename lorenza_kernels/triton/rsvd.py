@@ -90,7 +90,7 @@ def _rsvd_sketch_kernel(
     if QUAD:
         t = tl.arange(0, BLOCK_R // 4)
         for r0 in range(0, N, BLOCK_R):
-            j = r0 + 4 * t
+            j = (r0 + 4 * t).to(tl.int64)  # j * stride_an may pass 2^31 for a transposed view
             # N % 4 == 0 and r0 % 4 == 0: flat indices c N + j .. c N + j + 3 form one block
             z0, z1, z2, z3 = _philox_normals(seed, (col_base[None, :] + j[:, None]) >> 2, stream)
             acc += tl.dot(_load_a(a_ptrs, j, stride_an, row_ok, N), z0, input_precision="ieee")
@@ -100,7 +100,7 @@ def _rsvd_sketch_kernel(
     else:
         r = tl.arange(0, BLOCK_R)
         for r0 in range(0, N, BLOCK_R):
-            j = r0 + r
+            j = (r0 + r).to(tl.int64)
             idx = col_base[None, :] + j[:, None]
             z0, z1, z2, z3 = _philox_normals(seed, idx >> 2, stream)
             lane = idx & 3
