@@ -181,8 +181,33 @@ def randomized_range(
     A32 = A.to(torch.float32)
     Q = range_basis(A32, sketch_width(rank, oversample, m, n), power_iters, seed, streams)
     Bt = torch.bmm(A32.mT, Q)
-    _, vecs = torch.linalg.eigh(torch.bmm(Bt.mT, Bt))  # ascending eigenvalues
-    return _fix_signs(torch.bmm(Q, vecs.flip(-1)[..., :rank]))[0]
+    return _fix_signs(torch.bmm(Q, _gram_eigvecs(Bt)[..., :rank]))[0]
+
+
+def _gram_eigvecs(Bt: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of Bt^T Bt (B, k, k), eigenvalues descending (the right singular vectors of Bt).
+
+    On CUDA, torch.linalg.eigh loops over the batch for k > 32 (one cuSOLVER syevd per matrix,
+    https://github.com/pytorch/pytorch/issues/175585), which would cost more than all the GEMMs of a
+    refresh; the gesvda driver computes the same eigenvectors (it is the eigendecomposition of the
+    Gram matrix) for the whole batch in one cusolverDn<t>gesvdaStridedBatched call. Its left vectors
+    are unreliable for tiny singular values, but only the right ones are used here; a member whose
+    result is not finite is redone by eigh.
+    """
+    nb, _, k = Bt.shape
+    if Bt.device.type == "cuda" and nb > 1 and k > 32:
+        V = torch.linalg.svd(Bt, full_matrices=False, driver="gesvda")[2].mT
+        bad = ~torch.isfinite(V).flatten(1).all(1)
+        if not bool(bad.any()):
+            return V
+        idx = bad.nonzero().squeeze(1)
+        V[idx] = _gram_eigvecs_eigh(Bt[idx])
+        return V
+    return _gram_eigvecs_eigh(Bt)
+
+
+def _gram_eigvecs_eigh(Bt: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.eigh(torch.bmm(Bt.mT, Bt))[1].flip(-1)  # eigh: ascending eigenvalues
 
 
 @register("randomized_svd", "reference", "any")
