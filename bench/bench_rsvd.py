@@ -7,7 +7,8 @@ Providers (all return the top-r basis of the side GaLore projects on: right when
                      Householder QR)
   lowrank.batch      torch.svd_lowrank on the stacked matrices of one shape
   ours[<backend>]    lorenza_kernels.randomized_range_list on the whole list (one batched call per
-                     shape), forced to <backend>; `ours.svd` is lorenza_kernels.randomized_svd
+                     shape), forced to <backend> (triton:fused / triton:stored: the two Triton
+                     sketches); `ours.svd` is lorenza_kernels.randomized_svd
   gemm roof          the (2 + 2q) products with A alone (k = r + p columns): the bound of kernels.md
 
 Matrices: Llama-style per-layer weights' gradients, q/k/v/o (h x h), gate/up (f x h), down (h x f),
@@ -99,6 +100,8 @@ def main() -> None:
     backends = args.backends.split(",") if args.backends else lk.available_backends("rsvd_sketch")["rsvd_sketch"].get(
         dev, ["reference"]
     )
+    # the Triton sketch runs fused (Omega made inside the GEMM) and stored (Triton Omega + cuBLAS)
+    backends = [v for be in backends for v in (["triton:fused", "triton:stored"] if be == "triton" else [be])]
     report = common.Report("randomized_svd", dev)
     kw = dict(oversample=args.oversample, power_iters=q, seed=1234)
     flops = lambda m, n: 2 * m * n * k * (2 + 2 * q)  # noqa: E731
@@ -182,7 +185,13 @@ def _progress(what: str) -> None:
 
 
 def _forced(backend: str, fn):
-    with lk.use_backend(backend):
+    """Run ``fn`` with ``backend`` forced; ``triton:<mode>`` also picks the Triton sketch mode."""
+    name, _, mode = backend.partition(":")
+    if mode:
+        from lorenza_kernels.triton import rsvd as triton_rsvd
+
+        triton_rsvd.SKETCH = mode
+    with lk.use_backend(name):
         return fn()
 
 

@@ -326,9 +326,25 @@ def test_triton_in_kernel_omega_is_the_stream(n):
 
 
 @pytest.mark.triton_interpret
-def test_triton_backend_end_to_end():
+def test_triton_stored_omega_is_the_stream():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     require_backend("rsvd_sketch", "triton", dev)
+    from lorenza_kernels.triton import rsvd as triton_rsvd
+
+    streams, k, n, seed = [5, 0, 2**32 - 1], 7, 51, 2**64 - 1  # k n not a multiple of 4
+    got = triton_rsvd.sketch_matrix_t(streams, k, n, seed - 2**64, torch.device(dev))
+    want = ref.sketch_matrix_t(streams, k, n, seed - 2**64, torch.device(dev))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("mode", ["fused", "stored"])
+def test_triton_backend_end_to_end(mode, monkeypatch):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    require_backend("rsvd_sketch", "triton", dev)
+    from lorenza_kernels.triton import rsvd as triton_rsvd
+
+    monkeypatch.setattr(triton_rsvd, "SKETCH", mode)
     A = spectral(48, 64, "geometric", batch=(2,), device=dev)
     with lk.use_backend("reference"):
         want = lk.randomized_range(A, 6, seed=17)
