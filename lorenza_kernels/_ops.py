@@ -71,8 +71,9 @@ def _(tensors, seed, first_stream):
 
 
 # --- batched randomized SVD (kernels.md section 3) -----------------------------------------------
-# A is a batch (B, m, n) of any float dtype and any strides (the right-side basis is the left basis
-# of the view A.mT); member b draws its sketch from stream streams[b]. Outputs are float32.
+# A is a batch (B, m, n) of any float dtype and any strides; member b draws its sketch Omega (n x k)
+# from stream streams[b]. randomized_range returns the right basis (B, n, rank); the left basis of A
+# is the right basis of the view A.mT. Outputs are float32.
 
 
 def _check_rsvd_args(A: torch.Tensor, rank: int, streams: list[int]) -> None:
@@ -110,7 +111,7 @@ def randomized_range(
 @randomized_range.register_fake
 def _(A, rank, oversample, power_iters, seed, streams):
     _check_rsvd_args(A, rank, streams)
-    return A.new_empty((A.shape[0], A.shape[1], rank), dtype=torch.float32)
+    return A.new_empty((A.shape[0], A.shape[2], rank), dtype=torch.float32)
 
 
 @torch.library.custom_op(

@@ -70,13 +70,15 @@ def test_svd_matches_range_and_bounds(device):
     m, n, rank = 240, 200, 16
     A = spectral(m, n, "geometric", device=device)
     U, S, Vh = lk.randomized_svd(A, rank, seed=11, first_stream=4)
-    Q = lk.randomized_range(A, rank, seed=11, first_stream=4)
-    # the same sketch and subspace: U is the left basis up to rounding (well separated spectrum)
-    torch.testing.assert_close(U, Q, atol=1e-4, rtol=0)
+    Q = lk.randomized_range(A, rank, side="right", seed=11, first_stream=4)
+    # the same sketch and subspace: Vh^T is the right basis up to rounding (well separated spectrum)
+    torch.testing.assert_close(Vh.mT, Q, atol=1e-4, rtol=0)
+    Ql = lk.randomized_range(A, rank, side="left", seed=11, first_stream=4)
+    torch.testing.assert_close(Ql, lk.randomized_svd(A.mT, rank, seed=11, first_stream=4)[2].mT, atol=1e-4, rtol=0)
     assert orth_error(U) < 1e-5 and orth_error(Vh.mT) < 1e-5
     s_true = torch.linalg.svdvals(A.double())[:rank].float()
-    # S are the singular values of U^T A: by interlacing at most the true ones, and by Weyl at most
-    # ||A - U U^T A||_2 below them
+    # S are the singular values of Q^T A (Q the internal k-dim basis): by interlacing at most the
+    # true ones, and by Weyl at most ||A - Q Q^T A||_2 <= ||A - U U^T A||_2 below them (U is in span Q)
     gap = torch.linalg.matrix_norm(A.double() - U.double() @ (U.double().mT @ A.double()), ord=2).item()
     assert (S <= s_true * (1 + 1e-5)).all() and (S[:-1] >= S[1:]).all()
     assert (S >= s_true - gap * (1 + 1e-4)).all()
