@@ -13,12 +13,13 @@ Providers (all return the top-r basis of the side GaLore projects on: right when
 
 Matrices: Llama-style per-layer weights' gradients, q/k/v/o (h x h), gate/up (f x h), down (h x f),
 synthetic with a power-law spectrum (sigma_i ~ 1/i: G1 diag(s) G2^T, Gaussian G1, G2).
-Metrics: ms per matrix, ms per whole-model refresh, err/opt = ||B - Q Q^T B||_F / ||B - B_r||_F
-(B the matrix oriented to the side, averaged over the first two matrices of each shape).
+Metrics: ms per matrix, ms per whole-model refresh, "err over opt %" = 100 (e / e_opt - 1) with
+e = ||B - Q Q^T B||_F, e_opt = ||B - B_r||_F (B the matrix oriented to the side; the mean over the
+first two matrices of each shape, the first one with --quick), GFLOP/s of the kernels.md count.
 Whole-model rows of torch.svd and lowrank.loop are derived (sum over the matrices of the measured
 per-shape time): GaLore's loop is exactly that sum; they say `derived`.
 
-  PYTHONPATH=. python bench/bench_rsvd.py [--quick] [--device cpu|cuda] [--json out.json]
+  PYTHONPATH=. python bench/bench_rsvd.py [--quick] [--device cpu|cuda] [--threads 1] [--json out.json]
     CPU: h = 1024 (quick) / 2048, f = 2.7 h, 2 / 4 layers;  GPU: h = 4096, f = 11008, 32 layers (7B)
 """
 
@@ -81,6 +82,108 @@ def lowrank_basis(A: torch.Tensor, side: str, rank: int, k: int, q: int) -> torc
     return torch.svd_lowrank(orient(A.float(), side), q=k, niter=q)[0][..., :rank]
 
 
+class Bench:
+    """The run's settings and report; one method per table section."""
+
+    def __init__(self, args):
+        self.args, self.dev, self.r, self.q = args, args.device, args.rank, args.power_iters
+        self.k = args.rank + args.oversample
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        gpu = self.dev == "cuda"
+        # CPU: torch.linalg.svd takes seconds per matrix, so it runs once per shape
+        self.slow = dict(warmup=1, rep=3) if gpu else dict(warmup=0, rep=1)
+        self.fast = dict(warmup=2, rep=10) if gpu else dict(warmup=1, rep=2 if args.quick else 5)
+        here = lk.available_backends("rsvd_sketch")["rsvd_sketch"].get(self.dev, ["reference"])
+        backends = args.backends.split(",") if args.backends else here
+        # the Triton sketch runs fused (Omega made inside the GEMM) and stored (Triton Omega + cuBLAS)
+        self.backends = [v for be in backends for v in (["triton:fused", "triton:stored"] if be == "triton" else [be])]
+        self.kw = dict(oversample=args.oversample, power_iters=args.power_iters, seed=1234)
+        self.report = common.Report("randomized_svd", self.dev)
+
+    def flops(self, m: int, n: int) -> float:
+        return 2 * m * n * self.k * (2 + 2 * self.q)  # kernels.md: (2 + 2q) products with A
+
+    def ours(self, backend: str, mats: list[torch.Tensor], sides: str):
+        return lambda: _forced(backend, lambda: lk.randomized_range_list(mats, self.r, sides=sides, **self.kw))
+
+    def single(self, n0: int = 2048) -> None:
+        """The headline case: one n0 x n0 matrix."""
+        dev, r, k, q = self.dev, self.r, self.k, self.q
+        A = power_law(n0, n0, dev, self.dtype)
+        case = f"single {n0}x{n0} r{r}"
+        X = torch.randn(n0, k, device=dev)
+        t_svd = common.measure(lambda: svd_basis(A, "left", r), dev, **self.slow)
+        self.report.add(case, "torch.svd", t_svd, **{"speedup vs svd": 1.0, "err over opt %": 0.0})
+        rows = [
+            ("lowrank.loop", lambda: lowrank_basis(A, "left", r, k, q)),
+            *[(f"ours[{be}]", lambda be=be: self.ours(be, [A], "left")()[0]) for be in self.backends],
+            ("ours.svd", lambda: lk.randomized_svd(A, r, **self.kw)[0]),
+            ("gemm roof", lambda: [A.float() @ X for _ in range(2 + 2 * q)]),
+        ]
+        for name, fn in rows:
+            t = common.measure(fn, dev, **self.fast)
+            metrics = {"speedup vs svd": t_svd[0] / t[0], "GFLOP/s": self.flops(n0, n0) / t[0] / 1e6}
+            if name != "gemm roof":
+                metrics["err over opt %"] = 100 * (err_ratio(A, fn(), "left", r) - 1)
+                if not self.args.quick:
+                    metrics["extra peak MB"] = common.extra_peak_bytes(fn, dev) / 2**20
+            self.report.add(case, name, t, **metrics)
+        _progress(case)
+
+    def group(self, name: str, shape: tuple[int, int], ms: list[torch.Tensor]) -> dict[str, float]:
+        """All the matrices of one shape; returns the per-provider time of the whole group (ms)."""
+        dev, r, k, q, count = self.dev, self.r, self.k, self.q, len(ms)
+        side = side_of(shape)
+        case = f"{name} {shape[0]}x{shape[1]} r{r} {side} x{count}"
+        stacked = torch.stack([m.float() for m in ms])
+        X = torch.randn(count, orient(ms[0], side).shape[1], k, device=dev)
+        check = ms[:1] if self.args.quick else ms[:2]  # the optimal error costs a CPU SVD per matrix
+        gflops = lambda t: count * self.flops(*shape) / t[0] / 1e6  # noqa: E731
+        t_svd = common.measure(lambda: svd_basis(ms[0], side, r), dev, **self.slow)
+        base = {"ms/matrix": t_svd[0], "speedup vs svd": 1.0, "err over opt %": 0.0}
+        self.report.add(case, "torch.svd", t_svd, **base)
+        totals = {"torch.svd": t_svd[0] * count}
+
+        t = common.measure(lambda: lowrank_basis(ms[0], side, r, k, q), dev, **self.fast)
+        errs = [err_ratio(m, lowrank_basis(m, side, r, k, q), side, r) for m in check]
+        self.report.add(case, "lowrank.loop", t, **_per(t, 1, t_svd, errs))
+        totals["lowrank.loop"] = t[0] * count
+        t = common.measure(lambda: lowrank_basis(stacked, side, r, k, q), dev, **self.fast)
+        Qb = lowrank_basis(stacked, side, r, k, q)
+        errs = [err_ratio(m, Qb[i], side, r) for i, m in enumerate(check)]
+        self.report.add(case, "lowrank.batch", t, **_per(t, count, t_svd, errs))
+        totals["lowrank.batch"] = t[0]
+        for be in self.backends:
+            fn = self.ours(be, ms, side)
+            t = common.measure(fn, dev, **self.fast)
+            Qs = fn()
+            errs = [err_ratio(m, Qs[i], side, r) for i, m in enumerate(check)]
+            self.report.add(case, f"ours[{be}]", t, **_per(t, count, t_svd, errs), **{"GFLOP/s": gflops(t)})
+        t = common.measure(lambda: [torch.bmm(orient(stacked, side), X) for _ in range(2 + 2 * q)], dev, **self.fast)
+        self.report.add(case, "gemm roof", t, **{"ms/matrix": t[0] / count, "GFLOP/s": gflops(t)})
+        _progress(case)
+        return totals
+
+    def model(self) -> None:
+        """Per-shape groups, then the whole model in one call, as the LORENZA optimizer refreshes it."""
+        h, f, layers = config(self.dev, self.args.quick)
+        groups = [("attn q/k/v/o", (h, h), 4 * layers), ("mlp gate/up", (f, h), 2 * layers)]
+        groups.append(("mlp down", (h, f), layers))
+        mats = {name: [power_law(*shape, self.dev, self.dtype) for _ in range(n)] for name, shape, n in groups}
+        totals: dict[str, float] = {}
+        for name, shape, _ in groups:
+            for provider, ms in self.group(name, shape, mats[name]).items():
+                totals[provider] = totals.get(provider, 0.0) + ms
+        everything = [m for name, _, _ in groups for m in mats[name]]
+        case = f"model refresh {layers} layers ({len(everything)} matrices, h={h}, f={f}) r{self.r}"
+        for name, ms in totals.items():
+            label = name + (" (sum of groups)" if name == "lowrank.batch" else " (derived)")
+            self.report.add(case, label, (ms,) * 3, **{"speedup vs svd": totals["torch.svd"] / ms})
+        for be in self.backends:
+            t = common.measure(self.ours(be, everything, "auto"), self.dev, **self.fast)
+            self.report.add(case, f"ours[{be}]", t, **{"speedup vs svd": totals["torch.svd"] / t[0]})
+
+
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=128)
@@ -89,92 +192,16 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--backends", default=None, help="comma list of backends for ours (default: every one here)")
     p.add_argument("--no-single", action="store_true", help="skip the single 2048 x 2048 case")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine: an "
+                   "OpenMP team whose cores are taken spin-waits, and LAPACK's SVD slows down 50x)")
     args = p.parse_args()
-    dev, r, q = args.device, args.rank, args.power_iters
-    k = r + args.oversample
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    gpu = dev == "cuda"
-    # CPU: torch.linalg.svd takes seconds per matrix, so it runs once per shape
-    slow = dict(warmup=1, rep=3) if gpu else dict(warmup=0, rep=1)
-    fast = dict(warmup=2, rep=10) if gpu else (dict(warmup=1, rep=3) if args.quick else dict(warmup=1, rep=5))
-    backends = args.backends.split(",") if args.backends else lk.available_backends("rsvd_sketch")["rsvd_sketch"].get(
-        dev, ["reference"]
-    )
-    # the Triton sketch runs fused (Omega made inside the GEMM) and stored (Triton Omega + cuBLAS)
-    backends = [v for be in backends for v in (["triton:fused", "triton:stored"] if be == "triton" else [be])]
-    report = common.Report("randomized_svd", dev)
-    kw = dict(oversample=args.oversample, power_iters=q, seed=1234)
-    flops = lambda m, n: 2 * m * n * k * (2 + 2 * q)  # noqa: E731
-
-    if not args.no_single:  # the headline case: one 2048 x 2048 matrix, rank 128
-        n0 = 2048
-        A = power_law(n0, n0, dev, dtype)
-        case = f"single {n0}x{n0} r{r}"
-        X = torch.randn(n0, k, device=dev)
-        t_svd = common.measure(lambda: svd_basis(A, "left", r), dev, **slow)
-        report.add(case, "torch.svd", t_svd, **{"speedup vs svd": 1.0, "err/opt": 1.0})
-        rows = [
-            ("lowrank.loop", lambda: lowrank_basis(A, "left", r, k, q)),
-            *[(f"ours[{be}]", lambda be=be: _forced(be, lambda: lk.randomized_range(A, r, **kw))) for be in backends],
-            ("ours.svd", lambda: lk.randomized_svd(A, r, **kw)[0]),
-            ("gemm roof", lambda: [A.float() @ X for _ in range(2 + 2 * q)]),
-        ]
-        for name, fn in rows:
-            t = common.measure(fn, dev, **fast)
-            metrics = {"speedup vs svd": t_svd[0] / t[0], "GFLOP/s": flops(n0, n0) / t[0] / 1e6}
-            if name != "gemm roof":
-                metrics["err/opt"] = err_ratio(A, fn(), "left", r)
-                if not args.quick:
-                    metrics["extra peak MB"] = common.extra_peak_bytes(fn, dev) / 2**20
-            report.add(case, name, t, **metrics)
-        _progress(case)
-        del A, X
-
-    h, f, layers = config(dev, args.quick)
-    groups = [("attn q/k/v/o", (h, h), 4 * layers), ("mlp gate/up", (f, h), 2 * layers), ("mlp down", (h, f), layers)]
-    mats = {name: [power_law(*shape, dev, dtype) for _ in range(count)] for name, shape, count in groups}
-    total = {"torch.svd": 0.0, "lowrank.loop": 0.0, "lowrank.batch": 0.0}
-    for name, shape, count in groups:
-        side, ms = side_of(shape), mats[name]
-        case = f"{name} {shape[0]}x{shape[1]} r{r} {side} x{count}"
-        X = torch.randn(count, orient(ms[0], side).shape[1], k, device=dev)
-        stacked = torch.stack([m.float() for m in ms])
-        check = ms[:1] if args.quick else ms[: min(2, count)]  # a CPU SVD per checked matrix
-        t_svd = common.measure(lambda: svd_basis(ms[0], side, r), dev, **slow)
-        report.add(case, "torch.svd", t_svd, **{"ms/matrix": t_svd[0], "speedup vs svd": 1.0, "err/opt": 1.0})
-        total["torch.svd"] += t_svd[0] * count
-        t = common.measure(lambda: lowrank_basis(ms[0], side, r, k, q), dev, **fast)
-        errs = [err_ratio(m, lowrank_basis(m, side, r, k, q), side, r) for m in check]
-        report.add(case, "lowrank.loop", t, **_per(t, 1, t_svd, errs))
-        total["lowrank.loop"] += t[0] * count
-        t = common.measure(lambda: lowrank_basis(stacked, side, r, k, q), dev, **fast)
-        Qb = lowrank_basis(stacked, side, r, k, q)
-        report.add(case, "lowrank.batch", t, **_per(t, count, t_svd, [err_ratio(m, Qb[i], side, r) for i, m in
-                                                                        enumerate(check)]))
-        total["lowrank.batch"] += t[0]
-        for be in backends:
-            fn = lambda be=be: _forced(be, lambda: lk.randomized_range_list(ms, r, sides=side, **kw))  # noqa: E731
-            t = common.measure(fn, dev, **fast)
-            Qs = fn()
-            errs = [err_ratio(m, Qs[i], side, r) for i, m in enumerate(check)]
-            report.add(case, f"ours[{be}]", t, **_per(t, count, t_svd, errs), **{"GFLOP/s": count * flops(*shape) /
-                                                                                  t[0] / 1e6})
-        t = common.measure(lambda: [torch.bmm(orient(stacked, side), X) for _ in range(2 + 2 * q)], dev, **fast)
-        report.add(case, "gemm roof", t, **{"ms/matrix": t[0] / count, "GFLOP/s": count * flops(*shape) / t[0] / 1e6})
-        _progress(case)
-        del stacked, X
-
-    # the whole model in one call, as the LORENZA optimizer refreshes it
-    everything = [m for name, _, _ in groups for m in mats[name]]
-    case = f"model refresh {layers} layers ({len(everything)} matrices, h={h}, f={f}) r{r}"
-    for name, ms_total in total.items():
-        label = name + (" (derived)" if name != "lowrank.batch" else " (sum of groups)")
-        report.add(case, label, (ms_total,) * 3, **{"speedup vs svd": total["torch.svd"] / ms_total})
-    for be in backends:
-        fn = lambda be=be: _forced(be, lambda: lk.randomized_range_list(everything, r, sides="auto", **kw))  # noqa: E731
-        t = common.measure(fn, dev, **(fast if gpu else dict(warmup=1, rep=2 if args.quick else 3)))
-        report.add(case, f"ours[{be}]", t, **{"speedup vs svd": total["torch.svd"] / t[0]})
-    report.finish(args.json)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench = Bench(args)
+    if not args.no_single:
+        bench.single()
+    bench.model()
+    bench.report.finish(args.json)
 
 
 _T0 = time.perf_counter()
@@ -196,7 +223,8 @@ def _forced(backend: str, fn):
 
 
 def _per(t, count: int, t_svd, errs: list[float]) -> dict:
-    return {"ms/matrix": t[0] / count, "speedup vs svd": t_svd[0] * count / t[0], "err/opt": sum(errs) / len(errs)}
+    excess = 100 * (sum(errs) / len(errs) - 1)
+    return {"ms/matrix": t[0] / count, "speedup vs svd": t_svd[0] * count / t[0], "err over opt %": excess}
 
 
 if __name__ == "__main__":
