@@ -4,3 +4,6 @@ from .._ext import has_cpu_kernels
 
 if has_cpu_kernels():
     from . import seeded_ops  # noqa: F401
+
+if has_cpu_kernels():
+    from . import rsvd  # noqa: F401  (randomized SVD sketch with Omega from the C++ Philox)

@@ -12,4 +12,6 @@ DEVICE_TYPES: tuple[str, ...] = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 if AVAILABLE:
     from . import seeded_ops  # noqa: F401
-    from . import rsvd  # noqa: F401  (randomized SVD sketch)
+
+if AVAILABLE:
+    from . import rsvd  # noqa: E402,F401  (randomized SVD sketch)
