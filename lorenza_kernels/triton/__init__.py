@@ -15,3 +15,4 @@ if AVAILABLE:
 
 if AVAILABLE:
     from . import projected_adam  # noqa: E402,F401
+    from . import rsvd  # noqa: E402,F401  (randomized SVD sketch)
