@@ -5,4 +5,5 @@ from .._ext import has_cpu_kernels
 from . import projected_adam  # noqa: F401
 
 if has_cpu_kernels():
-    from . import rsvd, seeded_ops  # noqa: F401  (rsvd draws its sketch from the C++ Philox)
+    from . import seeded_ops  # noqa: F401  (first: rsvd draws its sketch from it)
+    from . import rsvd  # noqa: F401
