@@ -145,7 +145,9 @@ def _extensions():
         define_macros=macros,
         libraries=libs,
         library_dirs=lib_dirs,
-        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
+        # fp-contract=off: no fused multiply-adds, so every ISA path gives the same bits.
+        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],
+        depends=rel("csrc/*/*.h") + rel("csrc/*/*.cuh"),
         extra_link_args=["-fopenmp", *link_args],
         cxx_std=17,
     )

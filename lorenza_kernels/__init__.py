@@ -17,6 +17,7 @@ from ._registry import available as available_backends
 from ._registry import use_backend
 from .projected_adam import moment_transform_, projected_adam_step_, projected_adam_step_batched_
 from .rng import gaussian
+from .rsvd import randomized_range, randomized_range_list, randomized_svd
 from .seeded_ops import seeded_axpby_, seeded_colsum, seeded_loren_stats
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "moment_transform_",
     "projected_adam_step_",
     "projected_adam_step_batched_",
+    "randomized_range",
+    "randomized_range_list",
+    "randomized_svd",
     "seeded_axpby_",
     "seeded_colsum",
     "seeded_loren_stats",

@@ -159,3 +159,65 @@ def _(exp_avgs, exp_avg_sqs, proj_olds, proj_news, side, transform):
         torch._check(qo.shape == qn.shape, lambda i=i: f"proj_news[{i}]: shape must equal proj_olds[{i}]'s")
         r = qo.shape[-1]
         torch._check(ma.shape[0 if side == "left" else 1] == r, lambda i=i: f"exp_avgs[{i}]: rank must be {r}")
+# --- batched randomized SVD (kernels.md section 3) -----------------------------------------------
+# A is a batch (B, m, n) of any float dtype and any strides; member b draws its sketch Omega (n x k)
+# from stream streams[b]. randomized_range returns the right basis (B, n, rank); the left basis of A
+# is the right basis of the view A.mT. Outputs are float32.
+
+
+def _check_rsvd_args(A: torch.Tensor, rank: int, streams: list[int]) -> None:
+    torch._check(A.dim() == 3, lambda: f"A: expected a batch (B, m, n), got {A.dim()} dims")
+    torch._check(len(streams) == A.shape[0], lambda: f"streams: expected {A.shape[0]} values, got {len(streams)}")
+    torch._check(1 <= rank, lambda: f"rank: must be >= 1, got {rank}")
+    torch._check(rank <= A.shape[1] and rank <= A.shape[2], lambda: f"rank: must be <= min(m, n), got {rank}")
+
+
+@torch.library.custom_op(
+    "lorenza_kernels::rsvd_sketch", mutates_args=(), schema="(Tensor A, int k, int seed, int[] streams) -> Tensor"
+)
+def rsvd_sketch(A: torch.Tensor, k: int, seed: int, streams: list[int]) -> torch.Tensor:
+    return _registry.dispatch("rsvd_sketch", A.device.type, A, k, seed, streams)
+
+
+@rsvd_sketch.register_fake
+def _(A, k, seed, streams):
+    torch._check(A.dim() == 3, lambda: f"A: expected a batch (B, m, n), got {A.dim()} dims")
+    torch._check(len(streams) == A.shape[0], lambda: f"streams: expected {A.shape[0]} values, got {len(streams)}")
+    return A.new_empty((A.shape[0], A.shape[1], k), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "lorenza_kernels::randomized_range",
+    mutates_args=(),
+    schema="(Tensor A, int rank, int oversample, int power_iters, int seed, int[] streams) -> Tensor",
+)
+def randomized_range(
+    A: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: int, streams: list[int]
+) -> torch.Tensor:
+    return _registry.dispatch("randomized_range", A.device.type, A, rank, oversample, power_iters, seed, streams)
+
+
+@randomized_range.register_fake
+def _(A, rank, oversample, power_iters, seed, streams):
+    _check_rsvd_args(A, rank, streams)
+    return A.new_empty((A.shape[0], A.shape[2], rank), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "lorenza_kernels::randomized_svd",
+    mutates_args=(),
+    schema="(Tensor A, int rank, int oversample, int power_iters, int seed, int[] streams) -> (Tensor, Tensor, Tensor)",
+)
+def randomized_svd(
+    A: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: int, streams: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _registry.dispatch("randomized_svd", A.device.type, A, rank, oversample, power_iters, seed, streams)
+
+
+@randomized_svd.register_fake
+def _(A, rank, oversample, power_iters, seed, streams):
+    _check_rsvd_args(A, rank, streams)
+    nb, m, n = A.shape
+    f32 = torch.float32
+    U = A.new_empty((nb, m, rank), dtype=f32)
+    return U, A.new_empty((nb, rank), dtype=f32), A.new_empty((nb, rank, n), dtype=f32)

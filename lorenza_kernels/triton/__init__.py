@@ -11,7 +11,4 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE_TYPES: tuple[str, ...] = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 if AVAILABLE:
-    from . import seeded_ops  # noqa: F401
-
-if AVAILABLE:
-    from . import projected_adam  # noqa: E402,F401
+    from . import projected_adam, rsvd, seeded_ops  # noqa: F401
