@@ -14,7 +14,6 @@ from _optim_common import SEED, assert_params_equal, mlp_closure, single_thread 
 
 import lorenza_kernels as lk
 from lorenza.optim import RESERVED_PROBE_BASE, GaLoreAdamW, Lorenza, LorenzaPlus, make_closure, probe_seed
-from lorenza.optim._subspace import randomized_available
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,11 +48,10 @@ FACTORIES = {
     "lorenza_plus": lambda ps, seed: LorenzaPlus(ps, lr=1e-2, svd="exact", seed=seed, **LOW),
     "galore": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, weight_decay=0.1, seed=seed, **LOW),
     "galore_per_layer": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, seed=seed, per_layer=True, **LOW),
+    # lorenza_kernels' batched randomized SVD (kernels.md section 3): Lorenza's default
+    "lorenza_randomized": lambda ps, seed: Lorenza(ps, lr=1e-2, num_probes=2, seed=seed, **LOW),
+    "galore_randomized": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, svd="randomized", seed=seed, **LOW),
 }
-if randomized_available():  # lorenza_kernels' batched randomized SVD (kernels.md section 3)
-    FACTORIES["lorenza_randomized"] = lambda ps, seed: Lorenza(ps, lr=1e-2, num_probes=2, seed=seed, **LOW)
-    FACTORIES["galore_randomized"] = lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, svd="randomized", seed=seed, **LOW)
-needs_rsvd = pytest.mark.skipif(not randomized_available(), reason="lorenza_kernels has no randomized_range_list yet")
 
 
 def _run(model, opt, x, y, steps, nan_step=None):
@@ -105,7 +103,7 @@ def test_state_dict_round_trip_across_a_refresh(name):
 PER_LAYER = [
     pytest.param(1, "exact", id="q1-exact"),
     pytest.param(3, "exact", id="q3-exact"),
-    pytest.param(1, "randomized", id="q1-randomized", marks=needs_rsvd),
+    pytest.param(1, "randomized", id="q1-randomized"),
 ]
 
 
@@ -126,7 +124,6 @@ def test_per_layer_equals_normal_mode(q, svd):
     torch.testing.assert_close(m_b.unused.detach(), init_unused, atol=1e-6, rtol=0)
 
 
-@needs_rsvd
 def test_randomized_bases_are_reproducible():
     """Step 1's bases: the randomized range of that step's gradient (at theta: no ascent at step 1),
     sketch seed probe_seed(seed, 1, RESERVED_PROBE_BASE), planned matrix k on stream k."""
@@ -191,7 +188,7 @@ def test_non_finite_skips_the_step(name, call):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_params_keep_dtype_and_fp32_state(dtype):
     x, y = _data(dtype)
-    for name in ("lorenza", "lorenza_plus", "galore"):
+    for name in ("lorenza", "lorenza_plus", "galore", "lorenza_randomized"):
         model = Deep(seed=7, dtype=dtype)
         opt = FACTORIES[name](model.parameters(), SEED)
         before = [p.detach().clone() for p in model.parameters()]
@@ -260,10 +257,8 @@ BAD = [
     (lambda ps: Lorenza(ps, power_iters=-1), ValueError, "power_iters"),
     (lambda ps: Lorenza(ps, num_probes=0), ValueError, "num_probes"),
     (lambda ps: LorenzaPlus(ps, scale=float("nan")), ValueError, "scale"),
-    (lambda ps: Lorenza([{"params": ps, "proj_type": "std"}], svd="exact"), ValueError, "proj_type"),
+    (lambda ps: Lorenza([{"params": ps, "proj_type": "std"}]), ValueError, "proj_type"),
 ]
-if not randomized_available():
-    BAD.append((lambda ps: Lorenza(ps, svd="randomized"), RuntimeError, "svd: 'randomized' needs"))
 
 
 @pytest.mark.parametrize("build, exc, match", BAD, ids=[f"case{i}" for i in range(len(BAD))])

@@ -39,7 +39,7 @@ import lorenza_kernels as lk
 from . import _checks
 from ._noise import Slot
 from ._seeds import RESERVED_PROBE_BASE, probe_seed
-from ._subspace import SVDS, matrix_dims, randomized_available, refresh_bases, subspace_dims
+from ._subspace import SVDS, matrix_dims, refresh_bases, subspace_dims
 
 __all__ = ["Layout", "LowRankMixin", "MOMENT_TRANSFORMS"]
 
@@ -233,10 +233,4 @@ class LowRankMixin:
 
 
 def check_svd(name: str, value: Any) -> str:
-    check_choice(name, value, SVDS)
-    if value == "randomized" and not randomized_available():
-        raise RuntimeError(
-            f"{name}: 'randomized' needs lorenza_kernels.randomized_range_list (the batched randomized SVD of "
-            "kernels.md section 3), which this lorenza_kernels does not have; use svd='exact'"
-        )
-    return value
+    return check_choice(name, value, SVDS)

@@ -54,10 +54,6 @@ def _exact(A: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     return (U[:, :rank] if side == "left" else Vh[:rank].t()).contiguous()
 
 
-def randomized_available() -> bool:
-    return hasattr(lk, "randomized_range_list")
-
-
 @torch.no_grad()
 def refresh_bases(
     matrices: Sequence[torch.Tensor],
@@ -80,11 +76,6 @@ def refresh_bases(
         return [_exact(A, r, s) for A, r, s in zip(matrices, ranks, sides)]
     if svd != "randomized":
         raise ValueError(f"svd: expected one of {SVDS}, got {svd!r}")
-    if not randomized_available():
-        raise RuntimeError(
-            "svd='randomized': this lorenza_kernels has no randomized_range_list (the batched randomized SVD "
-            "of kernels.md section 3); update lorenza_kernels or use svd='exact'"
-        )
     if not matrices:
         return []
     bases = lk.randomized_range_list(

@@ -101,7 +101,7 @@ class Lorenza(LowRankMixin, AdaZoSAM):
         )  # fmt: skip
         for key, value in defaults.items():
             self.group_checks[key](key, value)
-        check_svd("svd", svd)  # last: the other errors name the argument at fault first
+        check_svd("svd", svd)
         options = {"num_probes": num_probes, "oversample": oversample, "power_iters": power_iters}
         # AdaZoSAM.__init__ would drop the low-rank keys: go straight to SeededOptimizer's.
         super(AdaZoSAM, self).__init__(params, defaults, seed=seed, per_layer=per_layer, options=options)
