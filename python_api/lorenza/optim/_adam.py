@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["adamw_update_", "init_adam_state"]
+__all__ = ["adamw_group_update_", "adamw_update_", "init_adam_state"]
 
 
 def init_adam_state(param: torch.Tensor, state: dict, state_dtype: torch.dtype | None) -> None:
@@ -66,3 +66,19 @@ def adamw_update_(
     work.addcdiv_(exp_avg, denom, value=-step_size)
     if not same:
         param.copy_(work)
+
+
+def adamw_group_update_(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, state_dtype) -> None:
+    """:func:`adamw_update_` with the hyperparameters of ``param``'s group (lr, betas, eps, wd)."""
+    beta1, beta2 = group["betas"]
+    adamw_update_(
+        param,
+        grad,
+        state,
+        lr=float(group["lr"]),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(group["eps"]),
+        weight_decay=float(group["weight_decay"]),
+        state_dtype=state_dtype,
+    )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import _checks
-from ._adam import adamw_update_
+from ._adam import adamw_group_update_
 from ._base import SeededOptimizer, Slot
 from ._noise import seeded_axpby_streams_
 from ._seeds import probe_seed
@@ -150,16 +150,4 @@ class MeZOAdam(_TwoSidedZO):
         return buf
 
     def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
-        group = slot.group
-        beta1, beta2 = group["betas"]
-        adamw_update_(
-            slot.param,
-            grad,
-            self.state[slot.param],
-            lr=float(group["lr"]),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            state_dtype=self.state_dtype,
-        )
+        adamw_group_update_(slot.param, grad, self.state[slot.param], slot.group, self.state_dtype)
