@@ -95,13 +95,19 @@ def extra_peak_bytes(
     mark = next(e for e in events if e.get("name") == "__extra_peak_bytes__")
     t0, t1 = mark["ts"], mark["ts"] + mark.get("dur", 0)
     memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    base = 0
+    # "Total Allocated" is the allocator's running total since the first profiled allocation, and it
+    # drifts: a block allocated in an earlier profiled window but freed outside any is never
+    # subtracted. So the base is the total just before the window, read from the window's first
+    # event when no event precedes it (its total minus its own "Bytes"), never 0.
+    base = None
     peak = 0
     for e in memory:
         total = e["args"].get("Total Allocated", 0)
         if e["ts"] < t0:
             base = total
         elif e["ts"] <= t1:
+            if base is None:
+                base = total - e["args"].get("Bytes", 0)
             peak = max(peak, total - base)
     return int(peak)
 
