@@ -1,0 +1,408 @@
+"""The main job (python -m lorenza.demo), its model and data, the trainer integrations, bench/run_all.py.
+
+Optimizers missing from lorenza.optim are skipped by the demo (and checked to be reported as
+skipped); those that exist run, and must run without error. Optional packages (transformers +
+accelerate, matplotlib) skip their parts cleanly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from lorenza.demo import data, optimizers
+from lorenza.demo.memory import PeakMemory, module_bytes, optimizer_state_bytes
+from lorenza.demo.model import LlamaLM, apply_rotary, lm_loss, parse_size, rotary_cos_sin
+from lorenza.integrations.loop import PassCounter, StepClosure, closure_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = "dim=32,layers=1,heads=2,seq=32"
+
+
+def has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def lorenza_optim_class(name: str):
+    try:
+        return optimizers.optimizer_class(name)
+    except optimizers.OptimizerUnavailable:
+        return None
+
+
+@pytest.fixture(scope="module")
+def fake_sources(tmp_path_factory) -> str:
+    """60 top-level modules/packages of Python-like text: every split gets some."""
+    root = tmp_path_factory.mktemp("fake_stdlib")
+    for i in range(60):
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}  # line {j}\n" for j in range(40))
+        if i % 2:
+            pkg = root / f"pkg{i:02d}"
+            pkg.mkdir()
+            for j in range(3):
+                (pkg / f"mod{j}.py").write_text(body + f"# {pkg.name}.mod{j}\n")
+        else:
+            (root / f"single{i:02d}.py").write_text(body)
+    (root / "test").mkdir()
+    (root / "test" / "skipped.py").write_text("x = 1\n")
+    return str(root)
+
+
+# ---------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_causal_masking_and_shapes(tie):
+    cfg = parse_size(f"{MICRO},tie={int(tie)}")
+    torch.manual_seed(0)
+    model = LlamaLM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+    x = torch.randint(0, 256, (2, 20))
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % 256
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert a.shape == (2, 20, 256)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)  # the past never sees the future
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_rotary():
+    cos, sin = rotary_cos_sin(7, 8, 10000.0, "cpu", torch.float32)
+    assert cos.shape == sin.shape == (7, 8)
+    q = torch.randn(2, 3, 7, 8)
+    r = apply_rotary(q, cos, sin)
+    assert r.shape == q.shape
+    torch.testing.assert_close(r[:, :, 0], q[:, :, 0])  # position 0: no rotation
+    pairs = lambda t: t[..., :4] ** 2 + t[..., 4:] ** 2
+    torch.testing.assert_close(pairs(r), pairs(q))
+    # Relative positions: <R_m q, R_n k> depends on m - n only.
+    k = torch.randn(8)
+    qv = torch.randn(8)
+    dots = [(apply_rotary(qv, cos[m], sin[m]) @ apply_rotary(k, cos[m - 2], sin[m - 2])).item() for m in (2, 4, 6)]
+    assert max(dots) - min(dots) < 1e-4
+
+
+def test_parse_size():
+    assert parse_size("tiny").dim == 64
+    cfg = parse_size("small,seq=64")
+    assert (cfg.dim, cfg.max_seq_len) == (128, 64)
+    assert parse_size("dim=96,layers=2,heads=3").ffn_dim == 256
+    with pytest.raises(ValueError):
+        parse_size("huge")
+    with pytest.raises(ValueError):
+        parse_size("dim=30,heads=4")
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_split_is_deterministic_and_by_package(fake_sources):
+    a, b = data.load_corpus(fake_sources), data.load_corpus(fake_sources)
+    assert a.text == b.text and a.fingerprint == b.fingerprint
+    assert all(a.text[s] for s in ("pretrain", "train", "heldout"))
+    names = {s: set(m) for s, m in a.modules.items()}
+    assert not (names["pretrain"] & names["train"]) and not (names["train"] & names["heldout"])
+    assert not any(n.startswith("test.") for ns in names.values() for n in ns)
+    # A package is either wholly pre-training or wholly fine-tuning.
+    tops = {s: {n.split(".")[0] for n in ns} for s, ns in names.items()}
+    assert not (tops["pretrain"] & (tops["train"] | tops["heldout"]))
+    # Pinned: a change to the hashing would silently change every cached model and result.
+    assert [data.split_of(n) for n in ("json.decoder", "os", "lib2to3.pytree")] == ["pretrain", "pretrain", "train"]
+
+
+def test_stdlib_corpus_loads():
+    c = data.load_corpus(max_bytes={"pretrain": 1 << 16, "train": 1 << 15, "heldout": 1 << 14})
+    assert os.path.isdir(c.root) and all(len(c.text[s]) > 1000 for s in c.text)
+
+
+def test_batches_depend_on_step_only():
+    tokens = torch.arange(1000) % 256
+    b = data.Batches(tokens.to(torch.uint8), 16, 4, seed=3)
+    first = b.train(5)
+    b.train(0), b.train(9)
+    assert torch.equal(first, b.train(5)) and first.shape == (4, 17) and first.dtype == torch.int64
+    assert not torch.equal(first, b.train(6))
+    held = b.heldout(2)
+    assert len(held) == 2 and torch.equal(held[0], b.heldout(2)[0])
+
+
+# ---------------------------------------------------------------- registry, closure, memory
+
+
+def test_registry():
+    assert optimizers.resolve("adamw,MEZO") == ["AdamW", "MeZO"]
+    assert optimizers.resolve("all") == optimizers.NAMES and len(optimizers.NAMES) == 9
+    with pytest.raises(ValueError):
+        optimizers.resolve("Adam")
+    model = LlamaLM(parse_size(MICRO))
+    opt = optimizers.build("AdamW", model, optimizers.Hyper(lr={"AdamW": 0.5}))
+    assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["lr"] == 0.5
+    groups = optimizers.lowrank_groups(model, 4, {"update_interval": 5})
+    low = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["rank"] == 4 and "rank" not in groups[1]
+    assert id(model.embed_tokens.weight) not in low and all(p.dim() == 2 for p in groups[0]["params"])
+    for name in optimizers.NAMES:
+        if lorenza_optim_class(name) is None:
+            with pytest.raises(optimizers.OptimizerUnavailable, match=name):
+                optimizers.build(name, model)
+
+
+class _ZeroOrder(torch.optim.Optimizer):
+    """A two-point zeroth-order SGD of the test's own: calls the closure twice under no_grad."""
+
+    def __init__(self, params, lr=1e-2, mu=1e-3):
+        super().__init__(params, {"lr": lr, "mu": mu})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        ps = [p for g in self.param_groups for p in g["params"]]
+        zs = [torch.randn_like(p) for p in ps]
+        mu, lr = self.param_groups[0]["mu"], self.param_groups[0]["lr"]
+        for p, z in zip(ps, zs):
+            p.add_(z, alpha=mu)
+        plus = closure()
+        for p, z in zip(ps, zs):
+            p.add_(z, alpha=-2 * mu)
+        minus = closure()
+        c = float(plus - minus) / (2 * mu)
+        for p, z in zip(ps, zs):
+            p.add_(z, alpha=mu - lr * c)
+        return plus
+
+
+def test_closure_step_counts_and_zeroes():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)
+    counter = PassCounter()
+    adam = torch.optim.AdamW(model.parameters(), lr=0.0)
+    closure_step(adam, loss_fn, counter=counter)
+    closure_step(adam, loss_fn, counter=counter)
+    model.zero_grad()
+    loss_fn().backward()
+    g = model.weight.grad.clone()
+    closure_step(adam, loss_fn)
+    torch.testing.assert_close(model.weight.grad, g)  # zeroed between steps, not accumulated
+    assert (counter.forward, counter.backward) == (2, 2)
+    zo = PassCounter()
+    w = model.weight.detach().clone()
+    loss = closure_step(_ZeroOrder(model.parameters()), loss_fn, counter=zo)
+    assert (zo.forward, zo.backward) == (2, 0) and loss.ndim == 0 and not torch.equal(w, model.weight)
+
+
+def test_same_randomness():
+    drop = torch.nn.Dropout(0.5)
+    x = torch.ones(1000)
+    c = StepClosure(lambda: drop(x).sum(), same_randomness=True)
+    with torch.no_grad():
+        assert c().item() == c().item()
+        other = StepClosure(lambda: drop(x).sum(), same_randomness=True)
+        assert other().item() != c().item()
+
+
+def test_memory_accounting():
+    model = LlamaLM(parse_size(MICRO))
+    with PeakMemory("cpu") as pm:
+        pm.materialize(model)
+        opt = torch.optim.AdamW(model.parameters())
+        closure_step(opt, lambda: lm_loss(model, torch.randint(0, 256, (2, 17))))
+    params = module_bytes(model)
+    assert optimizer_state_bytes(opt) >= 2 * params  # exp_avg and exp_avg_sq (+ step counters)
+    assert pm.peak_bytes >= 4 * params  # params + grads + two moments, + activations
+
+
+# ---------------------------------------------------------------- the main job
+
+
+def test_demo_tiny_run(fake_sources, tmp_path, capsys):
+    from lorenza.demo.__main__ import main
+
+    names = ["AdamW", "MeZO", "AdaZoSAM"]
+    argv = [
+        "--optimizers",
+        ",".join(names),
+        "--steps",
+        "3",
+        "--model-size",
+        MICRO,
+        "--pretrain-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-batches",
+        "1",
+        "--data-root",
+        fake_sources,
+        "--out",
+        str(tmp_path / "out"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
+    payload = main(argv)
+    out = capsys.readouterr().out
+    assert "| optimizer" in out and "AdamW" in out
+    with open(tmp_path / "out" / "results.json") as f:
+        saved = json.load(f)
+    rows = {r["optimizer"]: r for r in saved["rows"]}
+    expected_passes = {"AdamW": (1, 1), "MeZO": (2, 0), "AdaZoSAM": (3, 1)}
+    for name in names:
+        if lorenza_optim_class(name) is None:
+            assert name in saved["skipped"] and name not in rows
+            continue
+        r = rows[name]
+        assert r["error"] is None, r["error"]
+        assert r["steps"] == 3 and math.isfinite(r["heldout_loss"]) and r["peak_mb"] > 0
+        assert (r["fwd_per_step"], r["bwd_per_step"]) == expected_passes[name]
+        assert [s for s, _ in saved["curves"][name]] == [0, 1, 2, 3]
+    assert rows["AdamW"]["state_mb"] > 0 and payload["pretraining"]["cached"] is False
+    assert os.path.exists(tmp_path / "out" / "loss_curves.png") == has("matplotlib")
+    # Second run: the pre-trained model comes from the cache, the fine-tune is reproduced exactly.
+    again = main(argv[:1] + ["AdamW"] + argv[2:])
+    assert again["pretraining"]["cached"] is True
+    assert again["rows"][0]["heldout_loss"] == rows["AdamW"]["heldout_loss"]
+
+
+def test_plain_loop_example():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import plain_loop
+    finally:
+        sys.path.pop(0)
+    assert plain_loop.main(["--steps", "3"]) < 6.0
+
+
+# ---------------------------------------------------------------- Hugging Face Trainer
+
+
+@pytest.mark.skipif(not (has("transformers") and has("accelerate")), reason="needs transformers and accelerate")
+def test_hf_trainer_drives_closure_steps(tmp_path):
+    from lorenza.integrations import LorenzaTrainer
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    data_ = [{"input_ids": torch.randint(0, 64, (16,))} for _ in range(8)]
+    for d in data_:
+        d["labels"] = d["input_ids"].clone()
+    makers = {
+        "zeroth-order (test's own)": lambda m: _ZeroOrder(m.parameters()),
+        "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
+    }
+    if lorenza_optim_class("MeZO") is not None:
+        makers["lorenza MeZO"] = lambda m: optimizers.build("MeZO", m)
+    for label, make in makers.items():
+        model = LlamaForCausalLM(cfg)
+        before = [p.detach().clone() for p in model.parameters()]
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            use_cpu=True,
+            disable_tqdm=True,
+            max_grad_norm=1.0,
+        )
+        trainer = LorenzaTrainer(model=model, args=args, train_dataset=data_, optimizers=(make(model), None))
+        trainer.train()
+        c = trainer.pass_counter
+        assert c.forward >= 2 and (c.backward == 0 if label != "AdamW" else c.backward == 2), (label, c)
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), label
+        assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h), label
+
+
+def test_hf_model_flag_errors_are_clear(tmp_path, monkeypatch):
+    from lorenza.demo.__main__ import load_hf
+
+    with pytest.raises(SystemExit, match="not a local directory"):
+        load_hf(str(tmp_path / "missing"), torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(SystemExit, match="optional package transformers"):
+        load_hf(str(tmp_path), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+def test_run_all_on_fake_benches(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_fake.py").write_text(
+        textwrap.dedent("""
+        import common
+        p = common.parser("a fake benchmark")
+        args = p.parse_args()
+        r = common.Report("fake", args.device)
+        r.add("case 1", "ours", (1.0, 0.9, 1.1), speedup=2.0, quick=args.quick)
+        r.finish(args.json)
+    """)
+    )
+    (bench / "bench_broken.py").write_text("import sys\nprint('boom')\nsys.exit(3)\n")
+    (bench / "helper.py").write_text("raise SystemExit('not a benchmark: must not run')\n")
+    spec = importlib.util.spec_from_file_location("run_all", os.path.join(ROOT, "bench", "run_all.py"))
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    code = run_all.main(["--bench-dir", str(bench), "--device", "cpu", "--quick"])
+    assert code == 1  # bench_broken failed; the rest was still written
+    merged = json.loads((bench / "results" / "cpu.json").read_text())
+    assert set(merged["benches"]) == {"fake", "broken"}
+    assert merged["benches"]["fake"]["rows"][0]["metrics"] == {"speedup": 2.0, "quick": True}
+    assert merged["benches"]["broken"]["returncode"] == 3 and "boom" in merged["benches"]["broken"]["output_tail"]
+    md = (bench / "results" / "cpu.md").read_text()
+    assert "## fake" in md and "| case 1" in md and "**failed**: exit status 3" in md
+    assert (
+        run_all.main(
+            ["--bench-dir", str(bench), "--device", "cpu", "--only", "fake", "--results-dir", str(tmp_path / "r")]
+        )
+        == 0
+    )
+
+
+def test_bench_optimizer_step_runs(tmp_path):
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python_api")])}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "bench_optimizer_step.py"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--sizes",
+            "dim=32,layers=1,heads=2,seq=16",
+            "--optimizers",
+            "AdamW,MeZO",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    adamw = next(r for r in rows if r["provider"] == "AdamW")["metrics"]
+    assert (adamw["fwd"], adamw["bwd"]) == (1, 1)
+    assert adamw["state MB"] == pytest.approx(2 * adamw["params MB"], rel=0.01)
