@@ -9,8 +9,11 @@ reason), after two warm-up steps (the state exists; the second counts the passes
   fwd, bwd            forward and backward passes of one step, counted at the closure
   params MB           parameters;  state MB: every tensor in ``optimizer.state`` (+ SAM's base)
   step peak MB        memory a step allocates beyond what is live before it (gradients,
-                      activations, temporaries; bench/common.py ``extra_peak_bytes``: CUDA allocator
-                      statistics, or the CPU profiler's allocation events)
+                      activations, temporaries). GPU: bench/common.py ``extra_peak_bytes`` (CUDA
+                      allocator statistics). CPU: the storage tracker of lorenza/demo/memory.py
+                      (live bytes of the tensors the step's operators create), because the
+                      profiler that common.py uses on the CPU takes minutes on a step of thousands
+                      of small operators (zeroth-order probes through the pure-PyTorch kernels)
   total MB            params + state + step peak: the peak a training loop needs for this step
   ms/Mparam           step time per million parameters, to read how time grows with size
 
@@ -35,7 +38,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python_api"))
 
 from lorenza.demo import optimizers
-from lorenza.demo.memory import module_bytes, optimizer_state_bytes
+from lorenza.demo.memory import PeakMemory, module_bytes, optimizer_state_bytes
 from lorenza.demo.model import LlamaLM, lm_loss, parse_size
 from lorenza.integrations.loop import PassCounter, closure_step
 
@@ -59,6 +62,16 @@ SIZES = {
         ("dim=2048,layers=18,heads=16", 8, 512),
     ],
 }
+
+
+def extra_peak_bytes(fn, device: torch.device, setup) -> int:
+    """Peak bytes ``fn`` allocates beyond what is live after ``setup`` (see the module docstring)."""
+    if device.type == "cuda":
+        return common.extra_peak_bytes(fn, device, setup=setup)
+    setup()
+    with PeakMemory(device) as pm:
+        fn()
+    return pm.peak_bytes
 
 
 def main() -> None:
@@ -109,7 +122,7 @@ def main() -> None:
                 fwd, bwd = counter.forward, counter.backward
                 times = common.measure(step, device, warmup=warmup, rep=rep)
                 drop_grads()
-                extra = common.extra_peak_bytes(step, device, setup=drop_grads)
+                extra = extra_peak_bytes(step, device, setup=drop_grads)
             except Exception as e:  # noqa: BLE001 - one failing optimizer must not end the sweep
                 print(f"failed {name} on {case}: {type(e).__name__}: {e}")
                 continue

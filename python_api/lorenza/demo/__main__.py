@@ -30,7 +30,7 @@ from .report import Progress, plot_curves, table, write_json
 from .train import cached_pretrain, evaluate, finetune
 
 # (model size, fine-tune steps, pre-train steps, batch, held-out batches) per setting.
-DEFAULTS = {"quick": ("tiny", 40, 400, 16, 4), "cpu": ("small", 100, 600, 16, 8), "cuda": ("base", 300, 3000, 32, 16)}
+DEFAULTS = {"quick": ("tiny", 30, 400, 16, 4), "cpu": ("small", 100, 600, 16, 8), "cuda": ("base", 300, 3000, 32, 16)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -230,8 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
         if r.error:
             print(f"failed {r.optimizer}: {r.error}")
     print(
-        f"peak MB: {'CUDA max_memory_allocated' if device.type == 'cuda' else 'profiler allocation events'} over the "
-        "first steps (params + grads + optimizer state + activations); opt state MB: tensors in optimizer.state"
+        f"peak MB: {'CUDA max_memory_allocated' if device.type == 'cuda' else 'live tensor storages'} over the first "
+        "3 steps (params + grads + optimizer state + activations; lorenza/demo/memory.py); "
+        "opt state MB: tensors in optimizer.state; s/step: mean over the later steps"
     )
     print(
         f"wrote {os.path.join(out, 'results.json')}"
