@@ -12,10 +12,12 @@ transformer blocks with ``rank`` (and ``update_interval``, ``scale``), and every
 embeddings, output head: GaLore's practice, https://github.com/jiaweizzhao/GaLore) without ``rank``.
 
 Learning rates: peak values under the demo's schedule (10% warm-up, cosine decay), for a short
-fine-tune of a small pre-trained model, from a coarse sweep on the demo's tiny model (first order:
-1e-3 and 3e-3 both improve, 2e-3 taken; GaLore-like: 4x that, because GaLore's scale 0.25 shrinks
-the projected update; zeroth-order: 1e-4 to 3e-4, above which MeZO diverges, because the estimate's
-variance grows with the number of parameters). Larger models want smaller rates: ``--lr NAME=VALUE``.
+fine-tune of a small pre-trained model, from a coarse sweep (the tiny model, 60 steps, the
+lorenza.optim classes): AdamW-like 1e-3 and 2e-3 both improve, 2e-3 more; GaLore-like 4x that,
+because GaLore's scale 0.25 shrinks the projected update (not swept: not written yet); MeZO and
+MeZO-Adam improve up to 5e-4 and get worse at 1e-3, LOREN up to 3e-4 and gets worse at 1e-3 (the
+zeroth-order estimate's variance grows with the number of parameters), so those take a margin
+below the best. Larger models want smaller rates: ``--lr NAME=VALUE``.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ SPECS: dict[str, Spec] = {
         Spec(
             "MeZO",
             "MeZO",
-            2e-4,
+            3e-4,
             (2, 0),
             kwargs=lambda hp: {"mu": hp.mu, "seed": hp.seed},
             note="ZO-SGD, two forward passes",
@@ -126,7 +128,7 @@ SPECS: dict[str, Spec] = {
         Spec(
             "MeZOAdam",
             "MeZOAdam",
-            2e-4,
+            3e-4,
             (2, 0),
             kwargs=lambda hp: {"mu": hp.mu, "seed": hp.seed},
             note="ZO estimate fed to Adam",
@@ -134,7 +136,7 @@ SPECS: dict[str, Spec] = {
         Spec(
             "Loren",
             "Loren",
-            1e-4,
+            2e-4,
             (10, 0),
             kwargs=lambda hp: {"mu": hp.mu, "num_queries": 10, "seed": hp.seed},
             note="ZO with learned low-rank covariance, K=10",
