@@ -331,6 +331,58 @@ def test_hf_trainer_drives_closure_steps(tmp_path):
         assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h), label
 
 
+@pytest.mark.skipif(not (has("transformers") and has("tokenizers")), reason="needs transformers and tokenizers")
+def test_demo_fine_tunes_a_local_hf_model(tmp_path):
+    """--model PATH: a tiny random Llama and a byte-level BPE tokenizer saved locally, nothing downloaded."""
+    from lorenza.demo.__main__ import main
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        ["def f(x):\n    return x + 1\n" * 20], trainers.BpeTrainer(vocab_size=280, initial_alphabet=alphabet)
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    path = str(tmp_path / "tiny-llama")
+    fast.save_pretrained(path)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    payload = main(
+        [
+            "--model",
+            path,
+            "--optimizers",
+            "AdamW,MeZO",
+            "--steps",
+            "2",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--eval-batches",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    rows = {r["optimizer"]: r for r in payload["rows"]}
+    assert rows["AdamW"]["error"] is None and rows["AdamW"]["heldout_loss"] < payload["pretrained_heldout_loss"]
+    assert payload["pretraining"] == {"pretrained": path}
+
+
 def test_hf_model_flag_errors_are_clear(tmp_path, monkeypatch):
     from lorenza.demo.__main__ import load_hf
 

@@ -104,7 +104,8 @@ def load_hf(path: str, device: torch.device):
     except ImportError as e:
         raise SystemExit(f"--model needs the optional package transformers (pip install transformers): {e}") from e
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    # float32 whatever the checkpoint: a zeroth-order probe of mu = 1e-3 is lost in bf16 rounding.
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).float()
     return model, tokenizer
 
 
