@@ -30,7 +30,7 @@ from .report import Progress, plot_curves, table, write_json
 from .train import cached_pretrain, evaluate, finetune
 
 # (model size, fine-tune steps, pre-train steps, batch, held-out batches) per setting.
-DEFAULTS = {"quick": ("tiny", 60, 400, 16, 4), "cpu": ("small", 100, 600, 16, 8), "cuda": ("base", 300, 3000, 32, 16)}
+DEFAULTS = {"quick": ("tiny", 60, 400, 16, 4), "cpu": ("small", 100, 500, 8, 4), "cuda": ("base", 300, 3000, 32, 16)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
