@@ -46,8 +46,8 @@ from lorenza.integrations.loop import PassCounter, closure_step
 SIZES = {
     ("cpu", True): [
         ("dim=64,layers=2,heads=4", 4, 64),
-        ("dim=128,layers=2,heads=4", 4, 64),
-        ("dim=192,layers=4,heads=4", 4, 64),
+        ("dim=128,layers=4,heads=4", 4, 64),
+        ("dim=256,layers=4,heads=4", 4, 64),
     ],
     ("cpu", False): [
         ("dim=128,layers=4,heads=4", 8, 128),
