@@ -5,7 +5,19 @@ Budget (``--budget``): ``steps`` (default) gives every optimizer the same number
 same minibatches, and the table shows what a step costs (forward/backward passes, seconds);
 ``compute`` gives each the same forward-pass equivalents as AdamW's ``--steps`` (a backward pass
 counted as two forwards, the registry's nominal passes per step), so MeZO takes 1.5x the steps and
-LOREN (10 forwards) 0.3x.
+LOREN (10 forwards) 0.3x. Steps is the default because it holds the data fixed (every optimizer
+sees exactly the same minibatches) and the cost is then read off the table; the PNG's right panel
+puts every curve on the forward-pass-equivalent axis, so both comparisons are on one page.
+
+Table columns: held-out loss (mean next-token cross-entropy over fixed held-out windows, nats) and
+its perplexity; opt state MB (every tensor in ``optimizer.state``, SAM's base optimizer included);
+peak MB (parameters + gradients + state + activations over the first 3 steps, see
+:mod:`lorenza.demo.memory`); s/step (mean wall time of ``optimizer.step(closure)`` after those
+steps); fwd/step and bwd/step (closure calls counted, not assumed).
+
+Defaults: ``--quick`` tiny model (0.12M parameters), 400 pre-training and 60 fine-tuning steps;
+CPU small (0.84M), 500 and 100; GPU base (25M), 3000 and 300. The pre-trained model is cached
+(``--cache``), so only the first run pays for pre-training.
 
 Outputs under ``--out``: ``results.json`` (rows, curves, configuration, environment) and
 ``loss_curves.png`` (when matplotlib is installed).
@@ -44,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--optimizers", default="all", help=f"comma list from {','.join(optimizers.NAMES)} (default all)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (per optimizer, see --budget)")
-    p.add_argument("--budget", choices=["steps", "compute"], default="steps")
+    p.add_argument(
+        "--budget", choices=["steps", "compute"], default="steps", help="same steps, or same forward-pass equivalents"
+    )
     p.add_argument("--model-size", default=None, help="tiny | small | base | dims: dim=256,layers=4,heads=4[,seq=..]")
     p.add_argument(
         "--model", default=None, metavar="PATH", help="fine-tune a local Hugging Face causal LM (no download)"
