@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 # Optional extras: their tests skip without them, so an install that fails is not fatal.
-OPTIONAL ?= matplotlib tqdm transformers galore-torch
+OPTIONAL ?= matplotlib tqdm transformers accelerate galore-torch
+DEMO_ARGS ?=
+BENCH_ARGS ?=
 NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 # With nvcc on the machine the CUDA kernels are built even against a CPU-only torch: there the
 # build is the compile-and-link check of every .cu file (nothing built from them runs here).
@@ -48,10 +50,10 @@ check-wheel: deps
 	bash tests/check_wheel.sh "$(PY)"
 
 demo: build
-	$(PY) bench/bench_seeded_ops.py --quick
+	$(PY) -m lorenza.demo $(DEMO_ARGS)
 
 bench: build
-	$(PY) bench/bench_seeded_ops.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info lorenza_kernels/_C*.so
