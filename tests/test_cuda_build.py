@@ -25,6 +25,10 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
 def so():
     from lorenza_kernels.cuda import seeded_ops
 
@@ -71,7 +75,7 @@ def test_axpby_table(so):
     gamma = [1.0, 0.0, 2.0, 3.0, 4.0]
     rec, chunks = so.axpby_table(ts, [0.1] * 5, [1.0, 0.0, 1e-50, -0.0, 2.0], 2**32 - 5, rows, gamma)
     per_unit = [lay.unit_bytes // t.element_size() for t in ts]
-    n_chunks = [-(-(-(-t.numel() // e)) // lay.chunk_units) for t, e in zip(ts, per_unit)]
+    n_chunks = [_cdiv(_cdiv(t.numel(), e), lay.chunk_units) for t, e in zip(ts, per_unit)]
     assert chunks == sum(n_chunks) and n_chunks[-1] == 2
     assert rec["chunk_begin"].tolist() == np.cumsum([0, *n_chunks[:-1]]).tolist()
     assert rec["data"].tolist() == [t.data_ptr() for t in ts]

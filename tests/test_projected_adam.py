@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorenza_kernels as lk
-from conftest import TRITON_INTERPRET, dtype_id, require_backend
+from conftest import dtype_id, require_backend
 
 OP = "projected_adam_step_"
 SIDES = ("left", "right")
