@@ -25,10 +25,6 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
 def so():
     from lorenza_kernels.cuda import seeded_ops
 
@@ -134,3 +130,7 @@ def test_cpu_tensors_are_rejected_before_any_launch(so):
         so.seeded_axpby_([torch.zeros(3)], 0, [1.0], [1.0], 0)
     with pytest.raises(ValueError, match="CUDA tensors"):
         so.seeded_colsum([torch.zeros(3)], 0, 0)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
