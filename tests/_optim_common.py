@@ -111,3 +111,36 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_worker(rank: int, world: int, port: int, out_dir: str, run) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.save(run(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo_ranks(run, world: int, out_dir) -> list:
+    """``run(rank, world)`` in ``world`` processes joined by a gloo group; their results, by rank.
+
+    ``run`` must be a module-level function (it is pickled into the spawned processes)."""
+    import os
+
+    torch.multiprocessing.spawn(_gloo_worker, args=(world, _free_port(), str(out_dir), run), nprocs=world, join=True)
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=True) for r in range(world)]

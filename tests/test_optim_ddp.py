@@ -3,14 +3,10 @@ whole batch (the zeroth-order losses are averaged over the ranks; gradients by D
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-from _optim_common import MLP, SEED, mlp_closure, mlp_data, single_thread  # noqa: F401
+from _optim_common import MLP, SEED, mlp_closure, mlp_data, run_on_gloo_ranks, single_thread  # noqa: F401
 
 from lorenza.optim import AdaZoSAM, Loren, MeZO, MeZOAdam
 
@@ -37,28 +33,14 @@ def _train(name, x, y, ddp=False):
     return [p.detach().clone() for p in model.parameters()], losses
 
 
-def _worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    try:
-        x, y = mlp_data(n=32)
-        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]  # equal halves
-        results = {name: _train(name, xs, ys, ddp=True) for name in CASES}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_run(rank, world):
+    x, y = mlp_data(n=32)
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]  # equal halves
+    return {name: _train(name, xs, ys, ddp=True) for name in CASES}
 
 
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = run_on_gloo_ranks(_rank_run, WORLD, tmp_path)
     x, y = mlp_data(n=32)
     for name in CASES:
         (p0, l0), (p1, l1) = ranks[0][name], ranks[1][name]
