@@ -1,42 +1,46 @@
-"""Backend registry: which implementation of an op runs on which device.
+"""Which backend's kernel torch's dispatcher runs, per op and device type.
 
-Every op has a reference implementation (pure torch, any device) and optionally faster ones:
-``cpu`` (the C++/OpenMP extension), ``cuda`` (the CUDA C++ extension) and ``triton``. The op
-registered with ``torch.library`` (``_ops.py``) calls :func:`dispatch`, which picks, for the
-device of the op's tensors, the first backend of the preference order that implements the op.
+Backends declare their implementations with :func:`register` when their module is imported (a
+table, nothing more). :func:`install` then hands them to torch's dispatcher, once: the pure-PyTorch
+reference becomes every op's ``CompositeExplicitAutograd`` kernel (the default of every device), and
+the first backend of :data:`DEFAULT_ORDER` that implements an op on a device type is registered for
+that device's dispatch key (``CPU``, ``CUDA``). A call is then one trip through torch's dispatcher
+straight to the kernel: no Python registry is consulted per call.
 
-Forcing a backend (tests, benchmarks): the environment variable ``LORENZA_KERNELS_BACKEND``
-(read at import) or the context manager :func:`use_backend`. A forced backend is used wherever it
-implements the op on that device; elsewhere the reference runs (a forced backend never makes an
-op fail that would otherwise run).
+Forcing a backend (tests, benchmarks): the environment variable ``LORENZA_KERNELS_BACKEND`` (read at
+import) or the context manager :func:`use_backend` re-register the kernels of the chosen backend;
+where it does not implement an op on a device type, the reference runs there. The choice is
+process-wide (it changes torch's dispatch table), not per thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Callable, Iterator
 
+import torch
+
+from . import _ops
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "LORENZA_KERNELS_BACKEND"
+#: Device type -> torch dispatch key of the backends registered for it.
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+#: The order in which backends are tried per device type when none is forced. On CUDA the C++
+#: kernels come before Triton until a GPU measurement (bench/results/) decides per op.
+DEFAULT_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
-#: Preference order per device type when no backend is forced. On CUDA the order between the
-#: CUDA C++ and Triton kernels is decided per op by measurement (bench/results); ops override it
-#: through ``register(..., priority=...)``.
-DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
-    "cpu": ("cpu", "reference"),
-    "cuda": ("cuda", "triton", "reference"),
-}
-
-# op name -> backend -> device type -> implementation
+# op -> backend -> device type ("any" for the reference) -> implementation
 _IMPLS: dict[str, dict[str, dict[str, Callable]]] = {}
-# op name -> device type -> preference order overriding DEFAULT_ORDER
-_ORDER_OVERRIDE: dict[str, dict[str, tuple[str, ...]]] = {}
+# op -> device type -> the backend whose kernel torch runs now
+_ACTIVE: dict[str, dict[str, str]] = {}
+_state: dict = {"lib": None, "forced": None, "installed": False}
 
 
-def _parse(name: str | None, source: str) -> str | None:
-    if name is None or name == "" or name == "auto":
+def parse_backend(name: str | None, source: str) -> str | None:
+    """A backend name, or None for the default order (None, "" or "auto")."""
+    if name is None or name.strip() in ("", "auto"):
         return None
     name = name.strip().lower()
     if name not in BACKENDS:
@@ -44,15 +48,15 @@ def _parse(name: str | None, source: str) -> str | None:
     return name
 
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "lorenza_kernels_backend", default=_parse(os.environ.get(ENV_VAR), ENV_VAR)
-)
-
-
 def register(op: str, backend: str, device_types: str | tuple[str, ...]) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as ``backend``'s implementation of ``op`` on ``device_types``."""
+    """Decorator: record ``fn`` as ``backend``'s implementation of ``op`` on ``device_types``.
+
+    ``fn`` takes the op's schema arguments, already validated. Call before :func:`install`.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}")
+    if op not in _ops.SCHEMAS:
+        raise ValueError(f"op: {op!r} is not a lorenza_kernels op")
     devices = (device_types,) if isinstance(device_types, str) else tuple(device_types)
 
     def deco(fn: Callable) -> Callable:
@@ -64,61 +68,74 @@ def register(op: str, backend: str, device_types: str | tuple[str, ...]) -> Call
     return deco
 
 
-def set_preference(op: str, device_type: str, order: tuple[str, ...]) -> None:
-    """Override the default preference order of ``op`` on ``device_type`` (a measured decision)."""
-    _ORDER_OVERRIDE.setdefault(op, {})[device_type] = tuple(order)
-
-
 def implementation(op: str, backend: str, device_type: str) -> Callable | None:
-    """``backend``'s implementation of ``op`` on ``device_type``, or None (no fallback)."""
+    """``backend``'s (unvalidated) implementation of ``op`` on ``device_type``, or None."""
     impls = _IMPLS.get(op, {}).get(backend, {})
     return impls.get(device_type, impls.get("any"))
 
 
-def select(op: str, device_type: str) -> tuple[str, Callable]:
-    """The (backend, implementation) that runs ``op`` on ``device_type`` now."""
-    forced = _forced.get()
-    if forced is not None:
-        order: tuple[str, ...] = (forced, "reference")
-    else:
-        order = _ORDER_OVERRIDE.get(op, {}).get(device_type) or DEFAULT_ORDER.get(device_type, ("reference",))
-        if "reference" not in order:
-            order = (*order, "reference")
+def _choose(op: str, device_type: str, forced: str | None) -> str:
+    order = (forced,) if forced is not None else DEFAULT_ORDER[device_type]
     for backend in order:
-        fn = implementation(op, backend, device_type)
-        if fn is not None:
-            return backend, fn
-    raise NotImplementedError(f"lorenza_kernels::{op} has no implementation for device type {device_type!r}")
+        if backend != "reference" and implementation(op, backend, device_type) is not None:
+            return backend
+    return "reference"
 
 
-def dispatch(op: str, device_type: str, *args, **kwargs):
-    """Run ``op`` with the implementation :func:`select` picks."""
-    return select(op, device_type)[1](*args, **kwargs)
+def install(forced: str | None = None) -> None:
+    """Register the kernels with torch: the reference once, then the chosen backend per device."""
+    if not _state["installed"]:
+        for op in _ops.SCHEMAS:
+            ref = implementation(op, "reference", "any")
+            if ref is None:
+                raise RuntimeError(f"lorenza_kernels::{op} has no reference implementation")
+            _ops.LIB.impl(op, _ops.kernel(op, ref), "CompositeExplicitAutograd")
+        _state["installed"] = True
+    if _state["lib"] is not None:
+        _state["lib"]._destroy()  # torch falls back to the reference until the new kernels are in
+    lib = torch.library.Library(_ops.NAMESPACE, "IMPL")
+    for op in _ops.SCHEMAS:
+        _ACTIVE[op] = {}
+        for device_type, key in DISPATCH_KEYS.items():
+            backend = _choose(op, device_type, forced)
+            _ACTIVE[op][device_type] = backend
+            if backend != "reference":
+                lib.impl(op, _ops.kernel(op, implementation(op, backend, device_type)), key)
+    _state["lib"], _state["forced"] = lib, forced
+
+
+def active(op: str, device_type: str) -> str:
+    """The backend whose kernel runs ``op`` on ``device_type`` now (the reference elsewhere)."""
+    return _ACTIVE.get(op, {}).get(device_type, "reference")
+
+
+def forced_backend() -> str | None:
+    return _state["forced"]
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force ``name`` (``reference``, ``cpu``, ``cuda``, ``triton``; None or ``auto`` for the default)."""
-    token = _forced.set(_parse(name, "use_backend"))
+    """Run ``name``'s kernels (``reference``, ``cpu``, ``cuda``, ``triton``; None or ``auto``: the
+    default order) inside the block, the reference where ``name`` has none. Process-wide."""
+    forced = parse_backend(name, "use_backend")
+    previous = _state["forced"]
+    install(forced)
     try:
         yield
     finally:
-        _forced.reset(token)
+        install(previous)
 
 
-def forced_backend() -> str | None:
-    return _forced.get()
+def env_backend() -> str | None:
+    return parse_backend(os.environ.get(ENV_VAR), ENV_VAR)
 
 
 def available(op: str | None = None) -> dict[str, dict[str, list[str]]]:
-    """``{op: {device_type: [backends in preference order]}}`` for the registered ops."""
+    """``{op: {device_type: [backends in the order tried, the reference last]}}``."""
     out: dict[str, dict[str, list[str]]] = {}
-    for name in [op] if op else sorted(_IMPLS):
-        per_dev: dict[str, list[str]] = {}
-        devices = {d for impls in _IMPLS.get(name, {}).values() for d in impls if d != "any"} | set(DEFAULT_ORDER)
-        for dev in sorted(devices):
-            order = _ORDER_OVERRIDE.get(name, {}).get(dev) or DEFAULT_ORDER.get(dev, ())
-            order = (*[b for b in order if b != "reference"], "reference")
-            per_dev[dev] = [b for b in order if implementation(name, b, dev) is not None]
-        out[name] = per_dev
+    for name in [op] if op else sorted(_ops.SCHEMAS):
+        out[name] = {
+            dev: [b for b in order if implementation(name, b, dev) is not None] + ["reference"]
+            for dev, order in DEFAULT_ORDER.items()
+        }
     return out

@@ -1,4 +1,4 @@
-"""Public access to the lorenza-philox-v1 Gaussian stream (``shared/docs/rng.md``)."""
+"""Public access to the lorenza-philox-v1 Gaussian stream (``docs/rng.md``)."""
 
 from __future__ import annotations
 
@@ -22,17 +22,20 @@ def gaussian(
     Element ``i`` (flat row-major index) is ``z_i`` of stream ``(seed, stream)``: Philox4x32-10 on
     the counter ``(i >> 2, stream, 0)`` keyed by ``seed``, then Box-Muller, computed in float32
     and rounded once to ``dtype`` (float32, bfloat16 or float16). ``seed`` lies in [0, 2^64),
-    ``stream`` in [0, 2^32).
+    ``stream`` in [0, 2^32); both may be any integral type.
     """
-    if isinstance(shape, int):
-        shape = (shape,)
-    shape = tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise ValueError(f"shape: sizes must be non-negative, got {shape}")
+    if isinstance(shape, (torch.Size, tuple, list)):
+        dims = tuple(_checks.as_int(s, f"shape[{k}]") for k, s in enumerate(shape))
+    else:
+        dims = (_checks.as_int(shape, "shape"),)
+    if any(s < 0 for s in dims):
+        raise ValueError(f"shape: sizes must be non-negative, got {dims}")
     if dtype not in _checks.PERTURB_DTYPES:
-        raise TypeError(f"dtype: {dtype} is not supported (float32, bfloat16, float16)")
+        raise TypeError(f"dtype: {dtype} is not supported ({_checks.dtype_names(_checks.PERTURB_DTYPES)})")
     seed64 = _checks.seed_to_int64(seed)
-    _checks.check_stream(stream, 1, "stream")
-    out = torch.empty(shape, dtype=dtype, device=device)
-    _ops.seeded_axpby_([out], seed64, [1.0], [0.0], stream)
+    stream = _checks.as_int(stream, "stream")
+    if not 0 <= stream < _checks.STREAM_LIMIT:
+        raise ValueError(f"stream: must lie in [0, 2**32), got {stream}")
+    out = torch.empty(dims, dtype=dtype, device=device)
+    _ops.seeded_axpby_([out], seed64, [stream], [1.0], [0.0], None, None)
     return out

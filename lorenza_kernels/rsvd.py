@@ -10,7 +10,7 @@ singular vectors come out half a power iteration ahead (the excess over the opti
 Y = A Omega with Omega n x k; the left basis sketches A^T (Omega m x k). GaLore's side rule puts the
 sketch on the long side and the basis on the short one.
 
-Seed and stream convention (lorenza-philox-v1, ``shared/docs/rng.md``): the matrix at flat batch
+Seed and stream convention (lorenza-philox-v1, ``docs/rng.md``): the matrix at flat batch
 index b of ``A[..., m, n]`` (or at list position b of :func:`randomized_range_list`) is sketched
 with ``Omega = gaussian((k, d), seed, first_stream + b).T``, k = min(rank + oversample, m, n),
 d = n for the right basis and the SVD, d = m for the left basis. The answer for one matrix
@@ -34,62 +34,48 @@ from typing import Literal
 import torch
 
 from . import _checks, _ops
+from ._shapes import projection_side
+from ._validate import NonFiniteError
 
 Side = Literal["left", "right", "auto"]
-RSVD_DTYPES = _checks.PERTURB_DTYPES
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _check_matrix(A: object, name: str, exact_dims: int | None = None) -> torch.Tensor:
+def _matrix(A: object, name: str, exact_dims: int | None = None) -> torch.Tensor:
+    """The structural checks that come before a reshape or a grouping (the op checks the rest)."""
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(A).__name__}")
-    if A.dtype not in RSVD_DTYPES:
-        accepted = ", ".join(_dtype_name(d) for d in RSVD_DTYPES)
-        raise TypeError(f"{name}: dtype {_dtype_name(A.dtype)} is not supported ({accepted})")
+    if A.dtype not in _checks.PERTURB_DTYPES:
+        names = _checks.dtype_names(_checks.PERTURB_DTYPES)
+        raise TypeError(f"{name}: dtype {_checks.dtype_name(A.dtype)} is not supported ({names})")
     if exact_dims is not None and A.dim() != exact_dims:
         raise ValueError(f"{name}: expected a matrix (m, n), got shape {tuple(A.shape)}")
     if A.dim() < 2:
         raise ValueError(f"{name}: expected shape (..., m, n), got {tuple(A.shape)}")
-    if A.numel() and A.device.type != "meta" and not _all_finite(A):
-        raise ValueError(f"{name}: contains NaN or Inf")
     return A.detach()  # the subspace is never differentiated
 
 
-def _all_finite(A: torch.Tensor) -> bool:
-    # A NaN or Inf anywhere makes the float32 sum non-finite; a vectorised sum is ~20x cheaper than
-    # isfinite().all() on the CPU. Only when the sum overflows is the exact test needed.
-    return bool(torch.isfinite(A.sum(dtype=torch.float32))) or bool(torch.isfinite(A).all())
-
-
-def _check_int(value: object, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name}: must be >= {low}, got {value}")
-    return value
-
-
-def _check_rank(rank: object, m: int, n: int, name: str = "rank") -> int:
-    rank = _check_int(rank, name, 1)
+def _rank(rank: object, m: int, n: int, name: str = "rank") -> int:
+    rank = _checks.int_at_least(rank, name, 1)
     if rank > min(m, n):
         raise ValueError(f"{name}: must be <= min(m, n) = {min(m, n)} for a {m} x {n} matrix, got {rank}")
     return rank
 
 
-def _resolve_side(side: object, m: int, n: int, name: str = "side") -> str:
-    if side not in ("left", "right", "auto"):
-        raise ValueError(f"{name}: expected 'left', 'right' or 'auto', got {side!r}")
-    if side == "auto":  # GaLore's rule (algorithms.md): project from the smaller side
-        return "right" if m >= n else "left"
-    return side
+def _side(side: object, m: int, n: int, name: str = "side") -> str:
+    _checks.check_choice(side, name, ("left", "right", "auto"))
+    return projection_side(m, n) if side == "auto" else side  # type: ignore[return-value]
 
 
-def _common(oversample: int, power_iters: int, seed: int) -> tuple[int, int, int]:
-    oversample = _check_int(oversample, "oversample", 0)
-    return oversample, _check_int(power_iters, "power_iters", 0), _checks.seed_to_int64(seed)
+def _common(oversample: object, power_iters: object, seed: object) -> tuple[int, int, int]:
+    return (
+        _checks.int_at_least(oversample, "oversample", 0),
+        _checks.int_at_least(power_iters, "power_iters", 0),
+        _checks.seed_to_int64(seed),
+    )
+
+
+def _batch_streams(first_stream: object, count: int) -> list[int]:
+    return _checks.stream_list(None, first_stream, count)
 
 
 def randomized_svd(
@@ -103,13 +89,12 @@ def randomized_svd(
     of batch member b comes from stream ``first_stream + b`` (module docstring). Vh is the more
     accurate side and equals ``randomized_range(A, rank, side="right").mT`` up to rounding.
     """
-    A = _check_matrix(A, "A")
+    A = _matrix(A, "A")
     *batch, m, n = A.shape
-    rank = _check_rank(rank, m, n)
+    rank = _rank(rank, m, n)
     oversample, power_iters, seed64 = _common(oversample, power_iters, seed)
     A3 = A.reshape(-1, m, n)
-    _checks.check_stream(first_stream, A3.shape[0])
-    streams = list(range(first_stream, first_stream + A3.shape[0]))
+    streams = _batch_streams(first_stream, A3.shape[0])
     U, S, Vh = _ops.randomized_svd(A3, rank, oversample, power_iters, seed64, streams)
     return U.view(*batch, m, rank), S.view(*batch, rank), Vh.view(*batch, rank, n)
 
@@ -133,14 +118,13 @@ def randomized_range(
     member b uses stream ``first_stream + b``. This is what a projected optimizer stores
     (R = Q^T G or G Q).
     """
-    A = _check_matrix(A, "A")
+    A = _matrix(A, "A")
     *batch, m, n = A.shape
-    rank = _check_rank(rank, m, n)
-    side = _resolve_side(side, m, n)
+    rank = _rank(rank, m, n)
+    side = _side(side, m, n)
     oversample, power_iters, seed64 = _common(oversample, power_iters, seed)
     A3 = A.reshape(-1, m, n)
-    _checks.check_stream(first_stream, A3.shape[0])
-    streams = list(range(first_stream, first_stream + A3.shape[0]))
+    streams = _batch_streams(first_stream, A3.shape[0])
     view = A3 if side == "right" else A3.mT  # the op returns the right basis of what it is given
     Q = _ops.randomized_range(view, rank, oversample, power_iters, seed64, streams)
     return Q.view(*batch, view.shape[2], rank)
@@ -179,22 +163,22 @@ def randomized_range_list(
     """
     if isinstance(matrices, torch.Tensor) or not isinstance(matrices, Sequence):
         raise TypeError(f"matrices: expected a list of tensors, got {type(matrices).__name__}")
-    mats = [_check_matrix(A, f"matrices[{i}]", exact_dims=2) for i, A in enumerate(matrices)]
+    mats = [_matrix(A, f"matrices[{i}]", exact_dims=2) for i, A in enumerate(matrices)]
     for i, A in enumerate(mats[1:], start=1):
         if A.device != mats[0].device:
             raise ValueError(f"matrices[{i}]: on {A.device}, but matrices[0] is on {mats[0].device}")
     rank_list = [
-        _check_rank(r, *A.shape, name=f"ranks[{i}]")
+        _rank(r, *A.shape, name=f"ranks[{i}]")
         for i, (A, r) in enumerate(zip(mats, _per_matrix(ranks, len(mats), "ranks")))
     ]
     side_list = [
-        _resolve_side(s, *A.shape, name=f"sides[{i}]")
+        _side(s, *A.shape, name=f"sides[{i}]")
         for i, (A, s) in enumerate(zip(mats, _per_matrix(sides, len(mats), "sides")))
     ]
     oversample, power_iters, seed64 = _common(oversample, power_iters, seed)
-    _checks.check_stream(first_stream, len(mats))
+    all_streams = _batch_streams(first_stream, len(mats))
     if max_batch is not None:
-        _check_int(max_batch, "max_batch", 1)
+        _checks.int_at_least(max_batch, "max_batch", 1)
 
     groups: dict[tuple, list[int]] = {}
     for i, A in enumerate(mats):
@@ -212,8 +196,11 @@ def randomized_range_list(
                 for j, i in enumerate(chunk):
                     batch[j].copy_(mats[i])
             view = batch if side == "right" else batch.mT
-            streams = [first_stream + i for i in chunk]
-            Q = _ops.randomized_range(view, rank, oversample, power_iters, seed64, streams)
+            streams = [all_streams[i] for i in chunk]
+            try:
+                Q = _ops.randomized_range(view, rank, oversample, power_iters, seed64, streams)
+            except NonFiniteError as err:  # name the matrix as the caller knows it
+                raise ValueError(f"matrices[{chunk[err.member]}]: contains NaN or Inf") from None
             for j, i in enumerate(chunk):
                 out[i] = Q[j]
     return out  # type: ignore[return-value]

@@ -13,11 +13,6 @@ from lorenza_kernels import _registry
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def devices() -> list[str]:
-    """CPU always; CUDA when present. Evaluated lazily by the fixtures, never at collection."""
-    return ["cpu", "cuda"]
-
-
 def dtype_id(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}[dtype]
 
@@ -29,18 +24,26 @@ def device(request) -> str:
     return request.param
 
 
-def backend_params(op: str) -> list:
-    """(backend, device) pairs to test ``op`` on; each skips with a reason when not available here."""
+def _backend_params() -> list:
+    """(backend, device) pairs an op can run on; :func:`require_backend` skips the absent ones."""
     params = []
     for backend in _registry.BACKENDS:
         for dev in ("cpu", "cuda"):
-            marks = []
-            if backend == "triton" and dev == "cpu":
-                marks.append(pytest.mark.triton_interpret)
             if (backend == "cuda" and dev == "cpu") or (backend == "cpu" and dev == "cuda"):
                 continue
+            marks = [pytest.mark.triton_interpret] if (backend, dev) == ("triton", "cpu") else []
             params.append(pytest.param(backend, dev, id=f"{backend}-{dev}", marks=marks))
     return params
+
+
+#: Parametrisation of a test over every (backend, device) pair: ``@pytest.mark.parametrize("backend,dev", BACKENDS)``.
+BACKENDS = _backend_params()
+
+#: (atol, rtol) of a seeded_axpby_ result against the reference run in the same dtype. Both round
+#: once from float32 values that differ by the stream's error (within 1e-5 of float64, docs/rng.md)
+#: and the order of the float32 operations, so low precision may differ by one unit in the last
+#: place: 2^-7 relative for bfloat16, 2^-10 for float16, and an absolute term for values near zero.
+AXPBY_TOL = {torch.float32: (5e-5, 1e-5), torch.bfloat16: (1e-3, 2**-7), torch.float16: (1e-4, 2**-10)}
 
 
 def require_backend(op: str, backend: str, dev: str):

@@ -69,7 +69,8 @@ def test_axpby_table(so):
     ]
     rows = [torch.zeros(so.matrix_dims(t)[1]) for t in ts]
     gamma = [1.0, 0.0, 2.0, 3.0, 4.0]
-    rec, chunks = so.axpby_table(ts, [0.1] * 5, [1.0, 0.0, 1e-50, -0.0, 2.0], 2**32 - 5, rows, gamma)
+    streams = [2**32 - 1, 0, 7, 3, 2**31]  # any order: the table carries one stream per tensor
+    rec, chunks = so.axpby_table(ts, [0.1] * 5, [1.0, 0.0, 1e-50, -0.0, 2.0], streams, rows, gamma)
     per_unit = [lay.unit_bytes // t.element_size() for t in ts]
     n_chunks = [_cdiv(_cdiv(t.numel(), e), lay.chunk_units) for t, e in zip(ts, per_unit)]
     assert chunks == sum(n_chunks) and n_chunks[-1] == 2
@@ -78,7 +79,7 @@ def test_axpby_table(so):
     assert rec["data"][1] % 16 == 6  # misaligned: the kernel must take the narrow-access path
     assert rec["numel"].tolist() == [t.numel() for t in ts]
     assert rec["ncols"].tolist() == [5, 41, 1, 12, lay.chunk_units * 4 + 1]
-    assert rec["stream"].tolist() == [2**32 - 5 + k for k in range(5)]
+    assert rec["stream"].tolist() == streams
     assert rec["dtype"].tolist() == [0, 1, 2, 2, 0]
     assert rec["read_t"].tolist() == [1, 0, 1, 0, 1]  # decided on the float64 beta, as the reference
     assert rec["alpha"][0] == np.float32(0.1)
@@ -96,7 +97,7 @@ def test_colsum_plan_covers_every_element_once(so, shape):
     t = torch.empty(shape)
     m, n = so.matrix_dims(t)
     out = torch.empty(n)
-    rec, items, ws = so.colsum_table([t], [out], 9)
+    rec, items, ws = so.colsum_table([t], [out], [9])
     r = rec[0]
     assert (int(r["m"]), int(r["n"]), int(r["stream"])) == (m, n, 9)
     tc_count, tr_count = 1 << int(r["tc_log2"]), lay.threads >> int(r["tc_log2"])
@@ -125,11 +126,19 @@ def test_colsum_plan_covers_every_element_once(so, shape):
         assert (writes == 1).all()
 
 
-def test_cpu_tensors_are_rejected_before_any_launch(so):
-    with pytest.raises(ValueError, match="CUDA tensors"):
-        so.seeded_axpby_([torch.zeros(3)], 0, [1.0], [1.0], 0)
-    with pytest.raises(ValueError, match="CUDA tensors"):
-        so.seeded_colsum([torch.zeros(3)], 0, 0)
+def test_cpu_tensors_never_reach_the_cuda_kernels():
+    # The CUDA kernels are registered for torch's CUDA dispatch key only: forcing the backend
+    # leaves CPU tensors to the reference (and never initialises CUDA).
+    import lorenza_kernels as lk
+
+    t, t_ref = torch.zeros(7), torch.zeros(7)
+    with lk.use_backend("cuda"):
+        assert _registry.active("seeded_axpby_", "cpu") == "reference"
+        assert _registry.active("seeded_axpby_", "cuda") == "cuda"
+        lk.seeded_axpby_([t], 3, 1.0)
+    with lk.use_backend("reference"):
+        lk.seeded_axpby_([t_ref], 3, 1.0)
+    assert torch.equal(t, t_ref) and not torch.cuda.is_initialized()
 
 
 def _cdiv(a: int, b: int) -> int:

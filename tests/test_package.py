@@ -24,7 +24,7 @@ print(json.dumps({
     "warnings": [str(w.message) for w in caught if "lorenza_kernels" in str(w.message)],
     "extension": info["extension"],
     "forced": info["forced"],
-    "selected": lk._registry.select("seeded_axpby_", "cpu")[0],
+    "selected": lk._registry.active("seeded_axpby_", "cpu"),
     "values": t.tolist(),
 }))
 """

@@ -234,7 +234,7 @@ def test_argument_errors():
     for bad_value in (float("nan"), float("inf")):
         B = A.clone()
         B[3, 4] = bad_value
-        with pytest.raises(ValueError, match="A: contains NaN or Inf"):
+        with pytest.raises(ValueError, match=r"A\[0\]: contains NaN or Inf"):
             lk.randomized_svd(B, 4)
         with pytest.raises(ValueError, match=r"matrices\[1\]: contains NaN or Inf"):
             lk.randomized_range_list([A, B], 4)
@@ -296,24 +296,29 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(got[..., :10], lk.randomized_range(A, rank)[..., :10], atol=1e-4, rtol=0)
 
 
-def test_cpu_sketch_generator_plumbing():
-    """The CPU path writes Omega with a seeded_axpby_ kernel, one call per run of consecutive streams."""
+def test_cpu_sketch_is_one_generator_call():
+    """The CPU path writes Omega for the whole batch with one call of the C++ seeded_axpby_ kernel,
+    member b on streams[b] (any streams, in any order)."""
     from lorenza_kernels.cpu import rsvd as cpu_rsvd
 
-    streams = [4, 5, 6, 9, 0, 1]
-    assert cpu_rsvd.consecutive_runs(streams) == [(0, 3), (3, 4), (4, 6)]
-    assert cpu_rsvd.consecutive_runs([]) == []
+    require_backend("rsvd_sketch", "cpu", "cpu")
     calls = []
-    reference_generator = _registry.implementation("seeded_axpby_", "reference", "cpu")  # stands in for C++
+    real = cpu_rsvd.seeded_axpby_
 
-    def generator(tensors, *args):
-        calls.append(len(tensors))
-        return reference_generator(tensors, *args)
+    def spy(tensors, seed, streams, *args):
+        calls.append(list(streams))
+        return real(tensors, seed, streams, *args)
 
+    streams = [4, 5, 6, 9, 0, 1]
+    A = torch.randn(len(streams), 20, 11)
     seed = torch.randint(0, 2**62, ()).item()
-    got = cpu_rsvd.sketch_matrix_t(streams, 5, 11, seed, torch.device("cpu"), generator)
-    assert calls == [3, 1, 2]
-    assert torch.equal(got, ref.sketch_matrix_t(streams, 5, 11, seed, torch.device("cpu")))
+    cpu_rsvd.seeded_axpby_ = spy
+    try:
+        got = cpu_rsvd.rsvd_sketch(A, 5, seed, streams)
+    finally:
+        cpu_rsvd.seeded_axpby_ = real
+    assert calls == [streams]
+    torch.testing.assert_close(got, ref.rsvd_sketch(A, 5, seed, streams), atol=1e-4, rtol=1e-5)
 
 
 def test_cpu_backend_sketch():

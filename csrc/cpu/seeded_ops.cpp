@@ -1,10 +1,10 @@
-// C++/OpenMP CPU kernels of the seeded perturbation ops (shared/docs/kernels.md section 1),
+// C++/OpenMP CPU kernels of the seeded perturbation ops (docs/kernels.md section 1),
 // torch-free: they take raw addresses, sizes and dtype codes from lorenza_kernels/cpu/seeded_ops.py.
 //
 //   seeded_axpby:  t_k <- beta_k t_k + alpha_k z_k (+ gamma_k a_k[i mod n_k]) in float32, rounded
 //                  once to t_k's dtype; beta_k == 0 never reads t_k; returns sum(z_k^2) per tensor.
 //   seeded_colsum: column sums of z_k viewed as m_k x n_k, float32 out.
-// z_k is the lorenza-philox-v1 stream (seed, first_stream + k) (shared/docs/rng.md).
+// z_k is the lorenza-philox-v1 stream (seed, streams[k]) (docs/rng.md).
 //
 // Determinism: the work is cut into pieces fixed by the shapes alone (kChunk elements, or groups
 // of rows for the column sums); each piece writes its own partial sums and those are added in a
@@ -233,11 +233,17 @@ void seeded_axpby(const std::vector<AxpbyArgs>& args, float* norms, int num_thre
   const int64_t pieces = first[K];
   std::vector<double> partial(pieces);
   const Kernels& ks = kernels();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads(num_threads, pieces))
-  for (int64_t c = 0; c < pieces; ++c) {
+  const auto piece = [&](int64_t c) {
     const int64_t k = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
     const int64_t start = (c - first[k]) * kChunk;
     partial[c] = ks.axpby(args[k], start, std::min(start + kChunk, args[k].numel));
+  };
+  const int nt = threads(num_threads, pieces);
+  if (nt == 1) {  // small calls: no OpenMP region to enter (it costs more than the work)
+    for (int64_t c = 0; c < pieces; ++c) piece(c);
+  } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t c = 0; c < pieces; ++c) piece(c);
   }
   for (int64_t k = 0; k < K; ++k) {
     double s = 0.0;
@@ -291,14 +297,13 @@ void require(bool ok, const std::string& msg) {
 
 template <class T>
 void require_len(const std::vector<T>& v, size_t k, const char* name) {
-  require(v.size() == k,
-          std::string(name) + ": expected " + std::to_string(k) + " values, got " + std::to_string(v.size()));
+  if (v.size() != k)
+    require(false, std::string(name) + ": expected " + std::to_string(k) + " values, got " + std::to_string(v.size()));
 }
 
-uint32_t check_streams(int64_t first_stream, size_t count) {
-  require(first_stream >= 0 && first_stream + static_cast<int64_t>(std::max<size_t>(count, 1)) - 1 <= 0xFFFFFFFFLL,
-          "first_stream: streams must lie in [0, 2**32)");
-  return static_cast<uint32_t>(first_stream);
+uint32_t check_stream(int64_t stream, size_t k) {
+  if (stream < 0 || stream > 0xFFFFFFFFLL) require(false, "streams[" + std::to_string(k) + "]: must lie in [0, 2**32)");
+  return static_cast<uint32_t>(stream);
 }
 
 }  // namespace
@@ -310,49 +315,50 @@ void bind_seeded_ops_cpu(py::module_& m) {
   m.def(
       "seeded_axpby_cpu",
       [](const Ptrs& ptrs, const Ints& numels, const std::vector<int>& dtypes, const Ints& ncols, uint64_t seed,
-         int64_t first_stream, const Floats& alpha, const Floats& beta, const Ptrs& row_ptrs, const Floats& gamma,
+         const Ints& streams, const Floats& alpha, const Floats& beta, const Ptrs& row_ptrs, const Floats& gamma,
          uintptr_t norms_ptr, int num_threads) {
         const size_t K = ptrs.size();
         require_len(numels, K, "numels"), require_len(dtypes, K, "dtypes"), require_len(ncols, K, "ncols");
-        require_len(alpha, K, "alpha"), require_len(beta, K, "beta");
+        require_len(streams, K, "streams"), require_len(alpha, K, "alpha"), require_len(beta, K, "beta");
         require_len(row_ptrs, K, "row_ptrs"), require_len(gamma, K, "gamma");
-        const uint32_t stream0 = check_streams(first_stream, K);
         require(K == 0 || norms_ptr != 0, "norms_ptr: null");
         std::vector<cpu::AxpbyArgs> args(K);
         for (size_t k = 0; k < K; ++k) {
-          const std::string at = "[" + std::to_string(k) + "]";
-          require(numels[k] >= 0, "numels" + at + ": negative");
-          require(dtypes[k] == kFloat32 || dtypes[k] == kBFloat16 || dtypes[k] == kFloat16,
-                  "dtypes" + at + ": unknown dtype code " + std::to_string(dtypes[k]));
-          require(numels[k] == 0 || ptrs[k] != 0, "ptrs" + at + ": null");
-          require(numels[k] == 0 || (ncols[k] > 0 && numels[k] % ncols[k] == 0),
-                  "ncols" + at + ": must divide numels" + at);
+          // Messages are built only on failure: this runs for every tensor of every call.
+          const auto at = [k]() { return "[" + std::to_string(k) + "]"; };
+          if (numels[k] < 0) require(false, "numels" + at() + ": negative");
+          if (dtypes[k] != kFloat32 && dtypes[k] != kBFloat16 && dtypes[k] != kFloat16)
+            require(false, "dtypes" + at() + ": unknown dtype code " + std::to_string(dtypes[k]));
+          if (numels[k] != 0 && ptrs[k] == 0) require(false, "ptrs" + at() + ": null");
+          if (numels[k] != 0 && !(ncols[k] > 0 && numels[k] % ncols[k] == 0))
+            require(false, "ncols" + at() + ": must divide numels" + at());
           // gamma == 0 skips the term, as the reference does (a NaN in the row stays out).
           const bool row = row_ptrs[k] != 0 && gamma[k] != 0.0;
           args[k] = cpu::AxpbyArgs{reinterpret_cast<void*>(ptrs[k]), numels[k], ncols[k], dtypes[k],
                                    static_cast<float>(alpha[k]), static_cast<float>(beta[k]),
                                    static_cast<float>(gamma[k]),
                                    row ? reinterpret_cast<const float*>(row_ptrs[k]) : nullptr,
-                                   cpu::make_key(seed, stream0 + static_cast<uint32_t>(k))};
+                                   cpu::make_key(seed, check_stream(streams[k], k))};
         }
         py::gil_scoped_release nogil;
         cpu::seeded_axpby(args, reinterpret_cast<float*>(norms_ptr), num_threads);
       },
       py::arg("ptrs"), py::arg("numels"), py::arg("dtypes"), py::arg("ncols"), py::arg("seed"),
-      py::arg("first_stream"), py::arg("alpha"), py::arg("beta"), py::arg("row_ptrs"), py::arg("gamma"),
+      py::arg("streams"), py::arg("alpha"), py::arg("beta"), py::arg("row_ptrs"), py::arg("gamma"),
       py::arg("norms_ptr"), py::arg("num_threads"),
       "In place t_k <- beta_k t_k + alpha_k z_k (+ gamma_k row_k[i % ncols_k] where row_ptrs[k] != 0),\n"
-      "z_k = stream (seed, first_stream + k); float32 math rounded once to dtype; beta_k == 0 does not\n"
+      "z_k = stream (seed, streams[k]); float32 math rounded once to dtype; beta_k == 0 does not\n"
       "read t_k. Writes sum(z_k^2) to the float32[K] at norms_ptr. Row vectors: contiguous float32.");
   m.def(
       "seeded_colsum_cpu",
-      [](const Ints& numels, const Ints& ncols, uint64_t seed, int64_t first_stream, const Ptrs& out_ptrs,
+      [](const Ints& numels, const Ints& ncols, uint64_t seed, const Ints& streams, const Ptrs& out_ptrs,
          int num_threads) {
         const size_t K = numels.size();
         require_len(ncols, K, "ncols");
+        require_len(streams, K, "streams");
         require_len(out_ptrs, K, "out_ptrs");
-        const uint32_t stream0 = check_streams(first_stream, K);
         for (size_t k = 0; k < K; ++k) {
+          check_stream(streams[k], k);
           const std::string at = "[" + std::to_string(k) + "]";
           require(numels[k] >= 0 && ncols[k] >= 0, "numels" + at + ", ncols" + at + ": negative");
           require(ncols[k] == 0 ? numels[k] == 0 : numels[k] % ncols[k] == 0,
@@ -361,12 +367,12 @@ void bind_seeded_ops_cpu(py::module_& m) {
         }
         py::gil_scoped_release nogil;
         for (size_t k = 0; k < K; ++k)
-          cpu::seeded_colsum(cpu::make_key(seed, stream0 + static_cast<uint32_t>(k)), numels[k], ncols[k],
+          cpu::seeded_colsum(cpu::make_key(seed, static_cast<uint32_t>(streams[k])), numels[k], ncols[k],
                              reinterpret_cast<float*>(out_ptrs[k]), num_threads);
       },
-      py::arg("numels"), py::arg("ncols"), py::arg("seed"), py::arg("first_stream"), py::arg("out_ptrs"),
+      py::arg("numels"), py::arg("ncols"), py::arg("seed"), py::arg("streams"), py::arg("out_ptrs"),
       py::arg("num_threads"),
-      "Column sums of z_k (stream (seed, first_stream + k)) viewed as (numels_k / ncols_k) x ncols_k,\n"
+      "Column sums of z_k (stream (seed, streams[k])) viewed as (numels_k / ncols_k) x ncols_k,\n"
       "written to the float32[ncols_k] at out_ptrs[k].");
   m.def(
       "cpu_isas", []() {

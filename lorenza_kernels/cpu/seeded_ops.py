@@ -1,10 +1,10 @@
 """CPU implementations of the seeded perturbation ops: the C++/OpenMP kernels of ``_C``.
 
-The public API (``lorenza_kernels.seeded_ops``) has validated the arguments already: contiguous
-tensors of float32/bfloat16/float16 on one device, row vectors as contiguous float32, streams in
-range. Here the tensors become raw addresses for the torch-free kernels
-(``csrc/cpu/seeded_ops.cpp``), which release the GIL and use ``torch.get_num_threads()`` OpenMP
-threads; every result is bit-identical for any thread count.
+The op's validator (``_validate.py``) has run: contiguous, non-overlapping tensors of
+float32/bfloat16/float16 on one device, streams in range, row vectors of the right length. Here the
+tensors become raw addresses for the torch-free kernels (``csrc/cpu/seeded_ops.cpp``), which release
+the GIL and use ``torch.get_num_threads()`` OpenMP threads; every result is bit-identical for any
+thread count.
 """
 
 from __future__ import annotations
@@ -12,32 +12,19 @@ from __future__ import annotations
 import torch
 
 from .._checks import seed_from_int64
-from .._dtypes import CODES, code
+from .._dtypes import CODES
 from .._ext import _C
 from .._registry import register
 from .._shapes import matrix_dims
-
-
-def _ncols(t: torch.Tensor) -> int:
-    return max(matrix_dims(t)[1], 1) if t.numel() else 1
-
-
-def _check(tensors: list[torch.Tensor], rows: list[torch.Tensor] | None) -> None:
-    """The kernels read raw memory: re-check what a direct ``torch.ops`` call could get wrong (O(K))."""
-    for k, t in enumerate(tensors):
-        if t.device.type != "cpu" or t.dtype not in CODES or not t.is_contiguous():
-            raise ValueError(f"tensors[{k}]: expected a contiguous CPU float32/bfloat16/float16 tensor")
-        if rows is not None and rows[k].numel() != matrix_dims(t)[1]:
-            raise ValueError(f"row_vectors[{k}]: expected {matrix_dims(t)[1]} values, got {rows[k].numel()}")
 
 
 @register("seeded_axpby_", "cpu", "cpu")
 def seeded_axpby_(
     tensors: list[torch.Tensor],
     seed: int,
+    streams: list[int],
     alpha: list[float],
     beta: list[float],
-    first_stream: int,
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
 ) -> torch.Tensor:
@@ -47,22 +34,22 @@ def seeded_axpby_(
     if k == 0:
         return norms
     rows = None
-    if row_vectors is not None and gamma is not None:
-        rows = [r.to(device="cpu", dtype=torch.float32).contiguous() for r in row_vectors]  # no-ops normally
-        row_ptrs = [r.data_ptr() if r.numel() else 0 for r in rows]
-        gammas = [float(g) for g in gamma]
+    if row_vectors is None:
+        row_ptrs, gammas, ncols = [0] * k, [0.0] * k, [1] * k  # columns matter only for the row term
     else:
-        row_ptrs, gammas = [0] * k, [0.0] * k
-    _check(tensors, rows)
+        rows = [r.to(dtype=torch.float32).contiguous() for r in row_vectors]  # no-ops normally
+        row_ptrs = [r.data_ptr() if r.numel() else 0 for r in rows]
+        gammas = gamma
+        ncols = [max(matrix_dims(t)[1], 1) for t in tensors]
     _C.seeded_axpby_cpu(
         [t.data_ptr() for t in tensors],
         [t.numel() for t in tensors],
-        [code(t.dtype) for t in tensors],
-        [_ncols(t) for t in tensors],
+        [CODES[t.dtype] for t in tensors],
+        ncols,
         seed_from_int64(seed),
-        first_stream,
-        [float(a) for a in alpha],
-        [float(b) for b in beta],
+        streams,
+        alpha,
+        beta,
         row_ptrs,
         gammas,
         norms.data_ptr(),
@@ -73,7 +60,7 @@ def seeded_axpby_(
 
 
 @register("seeded_colsum", "cpu", "cpu")
-def seeded_colsum(tensors: list[torch.Tensor], seed: int, first_stream: int) -> list[torch.Tensor]:
+def seeded_colsum(tensors: list[torch.Tensor], seed: int, streams: list[int]) -> list[torch.Tensor]:
     """Column sums of ``z_k`` viewed as ``m x n`` (float32, length n); tensor data is not read."""
     dims = [matrix_dims(t) for t in tensors]  # shapes only: any dtype, any layout
     outs = [torch.empty(n, dtype=torch.float32) for _, n in dims]
@@ -82,7 +69,7 @@ def seeded_colsum(tensors: list[torch.Tensor], seed: int, first_stream: int) -> 
             [t.numel() for t in tensors],
             [n for _, n in dims],
             seed_from_int64(seed),
-            first_stream,
+            streams,
             [o.data_ptr() for o in outs],
             torch.get_num_threads(),
         )

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from .. import _dtypes, _ext
-from .._checks import PERTURB_DTYPES, STREAM_LIMIT
 from .._registry import register
 from .._shapes import matrix_dims
 
@@ -78,7 +77,7 @@ def axpby_table(
     tensors: Sequence[torch.Tensor],
     alpha: Sequence[float],
     beta: Sequence[float],
-    first_stream: int,
+    streams: Sequence[int],
     rows: Sequence[torch.Tensor] | None = None,
     gamma: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, int]:
@@ -103,13 +102,13 @@ def axpby_table(
             rec["gamma"] = gamma64.astype(np.float32)
             # gamma == 0 adds nothing: the kernel then never reads the row (NaN in it stays out).
             rec["row"] = np.where(gamma64 != 0.0, np.array([a.data_ptr() for a in rows], dtype=np.uint64), 0)
-    rec["stream"] = (first_stream + np.arange(k, dtype=np.int64)).astype(np.uint32)
+    rec["stream"] = np.asarray(streams, dtype=np.int64).astype(np.uint32)
     rec["dtype"] = [_dtypes.CODES[t.dtype] for t in tensors]
     return rec, int(chunks.sum())
 
 
 def colsum_table(
-    tensors: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], first_stream: int
+    tensors: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], streams: Sequence[int]
 ) -> tuple[np.ndarray, int, int]:
     """The ``ColsumRecord`` table, the number of work items and the workspace size (floats).
 
@@ -138,7 +137,7 @@ def colsum_table(
     rec["m"], rec["n"], rec["item_begin"] = m, n, np.cumsum(items) - items
     rec["ws_begin"] = np.where(slabs > 1, np.cumsum(ws) - ws, -1)
     rec["col_tiles"], rec["rows_per_slab"], rec["tc_log2"] = col_tiles, rows_per_slab, tc_log2
-    rec["stream"] = (first_stream + np.arange(k, dtype=np.int64)).astype(np.uint32)
+    rec["stream"] = np.asarray(streams, dtype=np.int64).astype(np.uint32)
     return rec, int(items.sum()), int(ws.sum())
 
 
@@ -149,58 +148,25 @@ def _upload(rec: np.ndarray, device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-def _device_of(tensors: Sequence[torch.Tensor], name: str) -> torch.device:
-    device = tensors[0].device
-    if device.type != "cuda":
-        raise ValueError(f"{name}: the CUDA kernels need CUDA tensors, got {device}")
-    for k, t in enumerate(tensors):
-        if t.device != device:
-            raise ValueError(f"{name}[{k}]: on {t.device}, but {name}[0] is on {device}")
-    return device
-
-
-def _check_lists(tensors, alpha, beta, first_stream) -> None:
-    for k, t in enumerate(tensors):
-        if t.dtype not in PERTURB_DTYPES:
-            raise TypeError(f"tensors[{k}]: dtype {t.dtype} is not supported by the CUDA kernels")
-        if not t.is_contiguous():
-            raise ValueError(f"tensors[{k}]: must be contiguous")
-    if len(alpha) != len(tensors) or len(beta) != len(tensors):
-        raise ValueError(f"alpha, beta: expected {len(tensors)} values each, got {len(alpha)} and {len(beta)}")
-    if not 0 <= first_stream <= STREAM_LIMIT - len(tensors):
-        raise ValueError(f"first_stream: streams {first_stream}..{first_stream + len(tensors) - 1} exceed [0, 2**32)")
-
-
-def _float_rows(row_vectors, gamma, tensors, device) -> list[torch.Tensor]:
-    if gamma is None or len(gamma) != len(tensors) or len(row_vectors) != len(tensors):
-        raise ValueError(f"row_vectors, gamma: expected {len(tensors)} of each")
-    rows = []
-    for k, (a, t) in enumerate(zip(row_vectors, tensors)):
-        n = matrix_dims(t)[1]
-        if a.device != device or a.numel() != n:
-            raise ValueError(f"row_vectors[{k}]: expected {n} values on {device}, got {a.numel()} on {a.device}")
-        rows.append(a.reshape(-1).to(torch.float32).contiguous())
-    return rows
+def _float_rows(row_vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [a.reshape(-1).to(torch.float32).contiguous() for a in row_vectors]
 
 
 @register("seeded_axpby_", "cuda", "cuda")
 def seeded_axpby_(
     tensors: list[torch.Tensor],
     seed: int,
+    streams: list[int],
     alpha: list[float],
     beta: list[float],
-    first_stream: int,
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
 ) -> torch.Tensor:
     """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k a_k[i % n_k]]`` in place; returns ``sum(z_k^2)``."""
-    if not tensors:
-        return torch.empty(0, dtype=torch.float32)
-    device = _device_of(tensors, "tensors")
-    _check_lists(tensors, alpha, beta, first_stream)
-    rows = _float_rows(row_vectors, gamma, tensors, device) if row_vectors is not None else None
+    device = tensors[0].device  # the CUDA key: CUDA tensors (an empty list never reaches it)
+    rows = _float_rows(row_vectors) if row_vectors is not None else None
     with torch.cuda.device(device):
-        rec, num_chunks = axpby_table(tensors, alpha, beta, first_stream, rows, gamma)
+        rec, num_chunks = axpby_table(tensors, alpha, beta, streams, rows, gamma)
         table = _upload(rec, device)
         partials = torch.empty(num_chunks, dtype=torch.float64, device=device)
         norms = torch.empty(len(tensors), dtype=torch.float32, device=device)
@@ -219,16 +185,12 @@ def seeded_axpby_(
 
 
 @register("seeded_colsum", "cuda", "cuda")
-def seeded_colsum(tensors: list[torch.Tensor], seed: int, first_stream: int) -> list[torch.Tensor]:
+def seeded_colsum(tensors: list[torch.Tensor], seed: int, streams: list[int]) -> list[torch.Tensor]:
     """Column sums (float32, length n_k) of ``z_k`` viewed as ``m_k x n_k``; reads no tensor data."""
-    if not tensors:
-        return []
-    device = _device_of(tensors, "tensors")
-    if not 0 <= first_stream <= STREAM_LIMIT - len(tensors):
-        raise ValueError(f"first_stream: streams {first_stream}..{first_stream + len(tensors) - 1} exceed [0, 2**32)")
+    device = tensors[0].device
     with torch.cuda.device(device):
         outs = [torch.empty(matrix_dims(t)[1], dtype=torch.float32, device=device) for t in tensors]
-        rec, num_items, ws_floats = colsum_table(tensors, outs, first_stream)
+        rec, num_items, ws_floats = colsum_table(tensors, outs, streams)
         table = _upload(rec, device)
         workspace = torch.empty(ws_floats, dtype=torch.float32, device=device)
         _ext._C.seeded_colsum_cuda(

@@ -1,6 +1,6 @@
 """Reference projected Adam and moment transform: the meaning every fast backend is tested against.
 
-``projected_adam_step_`` (kernels.md section 2, algorithms.md "LORENZA"): for every layer of the
+``projected_adam_step_`` (``docs/kernels.md`` section 2, ``docs/algorithms.md`` "LORENZA"): for every layer of the
 batch, with W the ``m x n`` view of the parameter (``_shapes.matrix_dims``), G the gradient's view
 and Q the basis (orthonormal columns, assumed and never checked),
 
@@ -17,7 +17,7 @@ own dtypes at the end. This is the plain unfused form GaLore uses
 (https://github.com/jiaweizzhao/GaLore, ``galore_torch/adamw.py`` + ``galore_projector.py``): it
 materialises R, N, the m x n lifted update and, with a residual, G - lift(R). Two deliberate
 differences from GaLore's AdamW: eps is added after the bias-corrected square root and weight
-decay is applied before the update, both exactly as torch.optim.AdamW does (algorithms.md).
+decay is applied before the update, both exactly as torch.optim.AdamW does (``docs/algorithms.md``).
 
 ``moment_transform_``: the moments follow a change of basis Q_old -> Q_new, O = Q_new^T Q_old:
 
@@ -33,9 +33,6 @@ import torch
 
 from .._registry import register
 from .._shapes import matrix_dims
-
-SIDES = ("left", "right")
-MODES = ("rotate", "keep", "reset")
 
 
 def adam_coefficients(step: int, lr: float, beta1: float, beta2: float, scale: float) -> tuple[float, float]:

@@ -30,7 +30,8 @@ import math
 
 import torch
 
-from .._registry import dispatch, register
+from .. import _ops
+from .._registry import register
 from .rng import CHUNK, MASK32, _box_muller, philox4x32_10, uniform_from_word
 
 #: fp32 unit roundoff.
@@ -156,10 +157,10 @@ def range_basis(A32: torch.Tensor, k: int, power_iters: int, seed: int, streams:
     """Q (B, m, k): orthonormal basis of the power-iterated sketch (HMT Algorithm 4.4).
 
     Every product is re-orthonormalised, otherwise A (A^T A)^q Omega loses all but the leading
-    singular directions to rounding. The sketch itself goes through the registry, so the Triton
-    kernel (Omega generated inside the GEMM) runs where it is selected.
+    singular directions to rounding. The sketch itself goes through torch's dispatcher, so the
+    device's fastest sketch (on CUDA, Triton's: Omega generated inside the GEMM) runs.
     """
-    Y = dispatch("rsvd_sketch", A32.device.type, A32, k, seed, streams)
+    Y = _ops.rsvd_sketch(A32, k, seed, streams)
     Q = orthonormalize(Y)[0]
     for _ in range(power_iters):
         Z = orthonormalize(torch.bmm(A32.mT, Q))[0]

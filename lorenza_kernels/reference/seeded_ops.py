@@ -1,7 +1,7 @@
 """Reference seeded perturbation ops: the meaning every fast backend is tested against.
 
 ``seeded_axpby_``: for every tensor ``t_k`` of the list, with ``z_k`` the Gaussian stream
-``(seed, first_stream + k)`` in ``t_k``'s flat row-major order,
+``(seed, streams[k])`` (``docs/rng.md``) in ``t_k``'s flat row-major order,
 
     t_k <- beta_k t_k + alpha_k z_k + gamma_k 1 a_k^T       (the last term only with row vectors)
 
@@ -29,9 +29,9 @@ def _device(tensors: list[torch.Tensor]) -> torch.device:
 def seeded_axpby_(
     tensors: list[torch.Tensor],
     seed: int,
+    streams: list[int],
     alpha: list[float],
     beta: list[float],
-    first_stream: int,
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
 ) -> torch.Tensor:
@@ -43,7 +43,7 @@ def seeded_axpby_(
         row = row_vectors[k].to(torch.float32) if row_vectors is not None else None
         for s in range(0, flat.numel(), CHUNK):
             e = min(s + CHUNK, flat.numel())
-            z = gaussian_range(s, e, seed, first_stream + k, device=device)
+            z = gaussian_range(s, e, seed, streams[k], device=device)
             norms[k] += z.double().square().sum()
             new = z * alpha[k]
             if beta[k] != 0.0:
@@ -56,7 +56,7 @@ def seeded_axpby_(
 
 
 @register("seeded_colsum", "reference", "any")
-def seeded_colsum(tensors: list[torch.Tensor], seed: int, first_stream: int) -> list[torch.Tensor]:
+def seeded_colsum(tensors: list[torch.Tensor], seed: int, streams: list[int]) -> list[torch.Tensor]:
     device = _device(tensors)
     out = []
     for k, t in enumerate(tensors):
@@ -64,7 +64,7 @@ def seeded_colsum(tensors: list[torch.Tensor], seed: int, first_stream: int) -> 
         acc = torch.zeros(n_cols, dtype=torch.float64, device=device)
         for s in range(0, t.numel(), CHUNK):
             e = min(s + CHUNK, t.numel())
-            z = gaussian_range(s, e, seed, first_stream + k, device=device)
+            z = gaussian_range(s, e, seed, streams[k], device=device)
             acc.index_add_(0, torch.arange(s, e, device=device) % n_cols, z.double())
         out.append(acc.float())
     return out

@@ -1,14 +1,14 @@
-"""Triton backend, registered for device type ``cuda`` (and ``cpu`` under ``TRITON_INTERPRET=1``)."""
+"""Triton backend, registered for the ``CUDA`` dispatch key (and ``CPU`` under ``TRITON_INTERPRET=1``).
+
+The kernels are imported only where they can run (``_env.ENABLED``): a CUDA or ROCm build of torch,
+or the interpreter.
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import os
+from ._env import AVAILABLE, DEVICE_TYPES, ENABLED, INTERPRET
 
-AVAILABLE = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-#: Device types the Triton kernels are registered for.
-DEVICE_TYPES: tuple[str, ...] = ("cuda", "cpu") if INTERPRET else ("cuda",)
+__all__ = ["AVAILABLE", "DEVICE_TYPES", "ENABLED", "INTERPRET"]
 
-if AVAILABLE:
+if ENABLED:
     from . import projected_adam, rsvd, seeded_ops  # noqa: F401

@@ -42,7 +42,7 @@ import triton.language as tl
 from .._registry import register
 from .._shapes import matrix_dims
 from ..reference.projected_adam import adam_coefficients
-from . import DEVICE_TYPES, INTERPRET
+from ._env import DEVICE_TYPES, INTERPRET
 
 _LOW = (torch.bfloat16, torch.float16)
 

@@ -3,7 +3,8 @@
 (``SKETCH = "stored"`` switches to a one-pass Triton generator of Omega and a cuBLAS bmm.)
 
 Omega is never stored: every program regenerates the (BLOCK_R x BLOCK_C) tile of Omega it
-multiplies from the lorenza-philox-v1 stream (``shared/docs/rng.md``), with the convention of
+multiplies from the lorenza-philox-v1 stream (``docs/rng.md``), with the accurate normals of
+``triton/rng.py`` (not ``tl.log``/``tl.cos``: see there why), and the convention of
 ``reference/rsvd.py``: ``Omega_b[j, c] = z(seed, streams[b], c * n + j)`` (Omega^T is the
 row-major stream tensor of shape (k, n)).
 
@@ -26,30 +27,10 @@ import triton
 import triton.language as tl
 
 from .._registry import register
-from . import DEVICE_TYPES
+from ._env import DEVICE_TYPES
+from .rng import philox_normals
 
-_TWO_PI = 6.283185307179586
-_INV_2_23 = 1.1920928955078125e-07  # 2^-23
 _MAX_GRID_Y = 65535
-
-
-@triton.jit
-def _philox_normals(seed, blk, stream):
-    """The four normals of Philox block ``blk`` (int64 tensor) of ``stream`` (rng.md steps 1-6)."""
-    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (blk >> 32).to(tl.uint32)
-    c2 = tl.zeros_like(c0) + stream
-    c3 = tl.zeros_like(c0)
-    x0, x1, x2, x3 = tl.philox(seed, c0, c1, c2, c3, 10)
-    u0 = ((x0 >> 9).to(tl.float32) + 0.5) * _INV_2_23
-    u1 = ((x1 >> 9).to(tl.float32) + 0.5) * _INV_2_23
-    u2 = ((x2 >> 9).to(tl.float32) + 0.5) * _INV_2_23
-    u3 = ((x3 >> 9).to(tl.float32) + 0.5) * _INV_2_23
-    r01 = tl.sqrt(-2.0 * tl.log(u0))
-    r23 = tl.sqrt(-2.0 * tl.log(u2))
-    t01 = _TWO_PI * u1
-    t23 = _TWO_PI * u3
-    return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
 
 
 @triton.jit
@@ -94,7 +75,7 @@ def _rsvd_sketch_kernel(
         for r0 in range(0, N, BLOCK_R):
             j = (r0 + 4 * t).to(tl.int64)  # j * stride_an may pass 2^31 for a transposed view
             # N % 4 == 0 and r0 % 4 == 0: flat indices c N + j .. c N + j + 3 form one block
-            z0, z1, z2, z3 = _philox_normals(seed, (col_base[None, :] + j[:, None]) >> 2, stream)
+            z0, z1, z2, z3 = philox_normals(seed, (col_base[None, :] + j[:, None]) >> 2, stream)
             acc += tl.dot(_load_a(a_ptrs, j, stride_an, row_ok, N), z0, input_precision="ieee")
             acc += tl.dot(_load_a(a_ptrs, j + 1, stride_an, row_ok, N), z1, input_precision="ieee")
             acc += tl.dot(_load_a(a_ptrs, j + 2, stride_an, row_ok, N), z2, input_precision="ieee")
@@ -104,7 +85,7 @@ def _rsvd_sketch_kernel(
         for r0 in range(0, N, BLOCK_R):
             j = (r0 + r).to(tl.int64)
             idx = col_base[None, :] + j[:, None]
-            z0, z1, z2, z3 = _philox_normals(seed, idx >> 2, stream)
+            z0, z1, z2, z3 = philox_normals(seed, idx >> 2, stream)
             lane = idx & 3
             z = tl.where(lane == 0, z0, tl.where(lane == 1, z1, tl.where(lane == 2, z2, z3)))
             acc += tl.dot(_load_a(a_ptrs, j, stride_an, row_ok, N), z, input_precision="ieee")
@@ -117,7 +98,7 @@ def _rsvd_omega_kernel(out_ptr, streams_ptr, seed, total, stride_ob, BLOCK: tl.c
     """out[b, i] = z(seed, streams[b], i) for i < total: Omega_b^T, row-major (k, n), one Philox per 4."""
     blk = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     b = tl.program_id(1).to(tl.int64)
-    z0, z1, z2, z3 = _philox_normals(seed, blk, tl.load(streams_ptr + b).to(tl.uint32))
+    z0, z1, z2, z3 = philox_normals(seed, blk, tl.load(streams_ptr + b).to(tl.uint32))
     i = 4 * blk
     base = out_ptr + b * stride_ob + i
     tl.store(base, z0, mask=i < total)

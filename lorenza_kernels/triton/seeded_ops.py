@@ -1,9 +1,9 @@
 """Triton seeded perturbation ops (kernels.md section 1): multi-tensor, in place, one pass.
 
 Launch layout. A whole list of tensors, of mixed dtypes, is one launch of ``_seeded_axpby_kernel``.
-The host writes one int64 table (``_tables.py``): a header (seed bits, first stream, K) and one row
-per tensor (address, numel, columns, dtype code, row-vector address, first work item, alpha / beta /
-gamma as float32 bits), copied to the device in one transfer. Each tensor is cut into chunks of
+The host writes one int64 table (``_tables.py``): a header (seed bits, K) and one row per tensor
+(address, numel, columns, dtype code, row-vector address, first work item, alpha / beta / gamma as
+float32 bits, stream), copied to the device in one transfer. Each tensor is cut into chunks of
 ``BLOCK * ITERS`` elements; program ``pid`` finds its tensor by a binary search over the rows'
 first-chunk column (tensors without chunks are never found) and turns the stored address into a
 typed pointer (``int64.to(tl.pointer_type(...))``) in the branch of its dtype; a dtype absent from
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .._registry import register
-from . import DEVICE_TYPES, INTERPRET
+from ._env import DEVICE_TYPES, INTERPRET
 from . import _tables as T
 from .rng import normal_at, normals, philox_normals
 
@@ -135,7 +135,7 @@ def _seeded_axpby_kernel(tab_ptr, partial_ptr, BLOCK: tl.constexpr, ITERS: tl.co
     k = _find_row(tab_ptr, pid, T.A_CHUNK0, T.A_W)
     row = tab_ptr + T.HDR + k * T.A_W
     seed = tl.load(tab_ptr + T.SEED).to(tl.uint64, bitcast=True)
-    stream = (tl.load(tab_ptr + T.STREAM) + k).to(tl.uint32)
+    stream = tl.load(row + T.A_STREAM).to(tl.uint32)
     start = (pid - tl.load(row + T.A_CHUNK0)) * (BLOCK * ITERS)
     numel = tl.load(row + T.A_NUMEL)
     ncols = tl.load(row + T.A_NCOLS)
@@ -188,7 +188,7 @@ def _seeded_colsum_kernel(tab_ptr, partial_ptr, RB: tl.constexpr, BN: tl.constex
     k = _find_row(tab_ptr, pid, T.C_ITEM0, T.C_W)
     row = tab_ptr + T.HDR + k * T.C_W
     seed = tl.load(tab_ptr + T.SEED).to(tl.uint64, bitcast=True)
-    stream = (tl.load(tab_ptr + T.STREAM) + k).to(tl.uint32)
+    stream = tl.load(row + T.C_STREAM).to(tl.uint32)
     m = tl.load(row + T.C_M)
     n = tl.load(row + T.C_NCOLS)
     ct = tl.load(row + T.C_CT)
@@ -245,9 +245,9 @@ def _device_guard(device: torch.device):
 def seeded_axpby_(
     tensors: list[torch.Tensor],
     seed: int,
+    streams: list[int],
     alpha: list[float],
     beta: list[float],
-    first_stream: int,
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
     *,
@@ -263,7 +263,7 @@ def seeded_axpby_(
     # A block of at least 16 elements keeps every block start 16-byte aligned (the ALIGNED hint).
     if block < 16 or block & (block - 1) or iters < 1:
         raise ValueError(f"block, iters: need a power of two >= 16 and >= 1, got {block}, {iters}")
-    plan = T.axpby_plan(tensors, seed, alpha, beta, first_stream, row_vectors, gamma, block * iters)
+    plan = T.axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, block * iters)
     norms = torch.empty(len(tensors), dtype=torch.float32, device=plan.device)
     if plan.work == 0:
         return norms.zero_()
@@ -283,7 +283,7 @@ def seeded_axpby_(
 def seeded_colsum(
     tensors: list[torch.Tensor],
     seed: int,
-    first_stream: int,
+    streams: list[int],
     *,
     col_block: int = COL_BLOCK,
     col_rows: int = COL_ROWS,
@@ -291,7 +291,7 @@ def seeded_colsum(
     fin_block: int = FIN_BLOCK,
 ) -> list[torch.Tensor]:
     """Column sums of ``z_k`` viewed as ``m x n`` (float32), reading only the tensors' shapes."""
-    plan = T.colsum_plan(tensors, seed, first_stream, col_block, col_rows, target, fin_block)
+    plan = T.colsum_plan(tensors, seed, streams, col_block, col_rows, target, fin_block)
     if plan.finish == 0:  # every output is empty
         return plan.outputs
     partial = torch.empty(max(plan.partial_size, 1), dtype=torch.float32, device=plan.device)
