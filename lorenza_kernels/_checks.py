@@ -47,11 +47,17 @@ def int_at_least(value: object, name: str, low: int) -> int:
     return value
 
 
-def seed_to_int64(seed: object, name: str = "seed") -> int:
-    """Check ``0 <= seed < 2^64`` and return its two's-complement int64 (the ops' encoding)."""
+def seed_value(seed: object, name: str = "seed") -> int:
+    """A seed (or any 64-bit counter): an integral value in ``[0, 2^64)``, as a Python int."""
     seed = as_int(seed, name)
     if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"{name}: must lie in [0, 2**64), got {seed}")
+    return seed
+
+
+def seed_to_int64(seed: object, name: str = "seed") -> int:
+    """Check ``0 <= seed < 2^64`` and return its two's-complement int64 (the ops' encoding)."""
+    seed = seed_value(seed, name)
     return seed - SEED_LIMIT if seed >= (1 << 63) else seed
 
 
@@ -67,6 +73,8 @@ def stream_list(streams: Sequence[int] | None, first_stream: int, count: int) ->
         if first < 0 or first + max(count, 1) - 1 >= STREAM_LIMIT:
             raise ValueError(f"first_stream: streams {first}..{first + max(count, 1) - 1} must lie in [0, 2**32)")
         return list(range(first, first + count))
+    if type(streams) is list and all(type(s) is int for s in streams):
+        return streams
     if isinstance(streams, (str, torch.Tensor)) or not isinstance(streams, Sequence):
         raise TypeError(f"streams: expected a list of ints, got {type(streams).__name__}")
     return [as_int(s, f"streams[{k}]") for k, s in enumerate(streams)]
@@ -131,6 +139,8 @@ def per_tensor(value: float | Sequence[float], count: int, name: str) -> list[fl
         value = value.tolist()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [float(value)] * count
+    if type(value) is list and len(value) == count and all(type(v) is float for v in value):
+        return value
     if isinstance(value, Sequence) and not isinstance(value, str):
         values = [float(v) for v in value]
         if len(values) != count:

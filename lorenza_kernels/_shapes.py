@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: Sides of a projection: the basis ``Q`` multiplies the gradient from the left (``Q^T G``) or
@@ -19,10 +21,7 @@ def matrix_dims(t: torch.Tensor) -> tuple[int, int]:
     """
     shape = t.shape
     if len(shape) >= 2:
-        rest = 1
-        for s in shape[1:]:
-            rest *= s
-        return shape[0], rest
+        return shape[0], math.prod(shape[1:])
     return 1, t.numel()
 
 

@@ -148,17 +148,18 @@ def randomized_range_list(
     power_iters: int = 1,
     seed: int = 0,
     first_stream: int = 0,
+    streams: Sequence[int] | None = None,
     max_batch: int | None = None,
 ) -> list[torch.Tensor]:
     """:func:`randomized_range` of every matrix of a list of mixed shapes; results in input order.
 
     ``matrices[i]`` (2-D, m_i x n_i, all on one device) gets ``ranks[i]`` and ``sides[i]`` (or the
-    one value given) and the sketch stream ``first_stream + i``. The matrices are grouped by
-    (shape, dtype, side, rank) and each group runs as one batched call of at most ``max_batch``
-    matrices (None: no limit; a smaller batch bounds the float32 copy of the group). Because the
-    stream follows the list position, the result for ``matrices[i]`` equals
-    ``randomized_range(matrices[i], ranks[i], side=sides[i], first_stream=first_stream + i, ...)``
-    whatever else is in the list and however it is grouped. This is the one call a LORENZA
+    one value given) and the sketch stream ``s_i = streams[i]`` (default ``first_stream + i``). The
+    matrices are grouped by (shape, dtype, side, rank) and each group runs as one batched call of
+    at most ``max_batch`` matrices (None: no limit; a smaller batch bounds the float32 copy of the
+    group). Because each matrix has its own stream, the result for ``matrices[i]`` equals
+    ``randomized_range(matrices[i], ranks[i], side=sides[i], first_stream=s_i, ...)`` whatever else
+    is in the list and however it is grouped. This is the one call a LORENZA
     optimizer makes to refresh every layer's subspace.
     """
     if isinstance(matrices, torch.Tensor) or not isinstance(matrices, Sequence):
@@ -176,7 +177,8 @@ def randomized_range_list(
         for i, (A, s) in enumerate(zip(mats, _per_matrix(sides, len(mats), "sides")))
     ]
     oversample, power_iters, seed64 = _common(oversample, power_iters, seed)
-    all_streams = _batch_streams(first_stream, len(mats))
+    all_streams = _checks.stream_list(streams, first_stream, len(mats))
+    _checks.check_streams(all_streams, len(mats))
     if max_batch is not None:
         _checks.int_at_least(max_batch, "max_batch", 1)
 

@@ -37,7 +37,7 @@ def seeded_axpby_(
     if row_vectors is None:
         row_ptrs, gammas, ncols = [0] * k, [0.0] * k, [1] * k  # columns matter only for the row term
     else:
-        rows = [r.to(dtype=torch.float32).contiguous() for r in row_vectors]  # no-ops normally
+        rows = [r if r.dtype == torch.float32 and r.is_contiguous() else r.float().contiguous() for r in row_vectors]
         row_ptrs = [r.data_ptr() if r.numel() else 0 for r in rows]
         gammas = gamma
         ncols = [max(matrix_dims(t)[1], 1) for t in tensors]

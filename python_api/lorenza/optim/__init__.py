@@ -1,7 +1,7 @@
 """Optimizers for memory-efficient fine-tuning: MeZO, MeZO-Adam, AdaZo-SAM, SAM, LOREN, LORENZA,
 Lorenza+, GaLore-AdamW.
 
-The mathematics, the choices and the closure protocol are those of ``shared/docs/algorithms.md``.
+The mathematics, the choices and the closure protocol are in ``docs/algorithms.md``.
 Every optimizer regenerates its noise from ``(probe_seed(seed, step, probe), stream)`` through the
 public functions of :mod:`lorenza_kernels` and never stores it.
 
@@ -14,13 +14,14 @@ public functions of :mod:`lorenza_kernels` and never stores it.
 * :class:`GaLoreAdamW`: projected Adam, a drop-in replacement of ``galore_torch.GaLoreAdamW``.
 * :func:`make_closure`: a correct closure from a loss function; :func:`probe_seed`: the seed of
   any probe of any step, to regenerate its noise.
-* :class:`SeededOptimizer`: the base class (groups, seeds and streams, probes, per-layer hooks,
-  skips, state dict) for further optimizers.
+* :class:`SeededOptimizer`: the base class (groups, seeds and streams, probes, skips, state dict)
+  for further optimizers; see its module for how an optimizer is put together.
 """
 
 from __future__ import annotations
 
-from ._base import Perturbation, SeededOptimizer, Slot
+from ._base import SeededOptimizer, StepContext
+from ._noise import DenseNoise, Perturbation, Slot
 from ._seeds import RESERVED_PROBE_BASE, probe_seed, splitmix64
 from .adazo_sam import AdaZoSAM
 from .closure import make_closure
@@ -38,6 +39,8 @@ __all__ = [
     "Lorenza",
     "LorenzaPlus",
     "SeededOptimizer",
+    "StepContext",
+    "DenseNoise",
     "MeZO",
     "MeZOAdam",
     "Perturbation",

@@ -1,84 +1,45 @@
-"""The AdamW update of one parameter, operation for operation that of ``torch.optim.AdamW``.
+"""AdamW on a set of parameters with their per-group hyperparameters and per-parameter state.
 
-``algorithms.md``: "Adam" means exactly ``torch.optim.AdamW`` (bias-corrected moments, eps added
-after the bias-corrected square root, decoupled weight decay). The sequence below is that of
-``torch.optim.adam._single_tensor_adam`` with ``decoupled_weight_decay=True`` (the default
-implementation of ``AdamW`` on the CPU, and with ``foreach=False`` anywhere), so for float32
-parameters and float32 state the result is bitwise the one of ``AdamW(..., foreach=False)``:
-https://github.com/pytorch/pytorch/blob/main/torch/optim/adam.py
-
-For bfloat16/float16 parameters the moments stay in ``state_dtype`` (float32 by default), the
-update is computed in that dtype and the parameter is rounded once.
+The state layout of every dense Adam parameter of :mod:`lorenza.optim` (``step`` as a Python int,
+``exp_avg``, ``exp_avg_sq`` in ``state_dtype``), and one multi-tensor update per parameter group.
+``update`` is ``_functional.adamw_`` (``torch.optim.AdamW``'s arithmetic) or
+``_functional.galore_adamw_`` (galore-torch's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
-__all__ = ["adamw_group_update_", "adamw_update_", "init_adam_state"]
+from ._functional import adamw_, init_adam_state
+from ._noise import Slot
+
+__all__ = ["adamw_slots_"]
 
 
-def init_adam_state(param: torch.Tensor, state: dict, state_dtype: torch.dtype | None) -> None:
-    """``state['step'] = 0`` and zero moments ``exp_avg``, ``exp_avg_sq`` of ``param``'s shape."""
-    dtype = state_dtype or param.dtype
-    state["step"] = 0
-    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-
-
-@torch.no_grad()
-def adamw_update_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
+def adamw_slots_(
     state: dict,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    state_dtype: torch.dtype | None = torch.float32,
+    slots: Sequence[Slot],
+    grads: Sequence[torch.Tensor],
+    state_dtype: torch.dtype | None,
+    update: Callable = adamw_,
 ) -> None:
-    """One AdamW step of ``param`` with gradient ``grad``; initialises ``state`` on first use.
-
-    ``state['step']`` is a Python int (the per-parameter count used by the bias corrections).
-    """
-    if "step" not in state:
-        init_adam_state(param, state, state_dtype)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    state["step"] += 1
-    step = float(state["step"])  # torch reads its float32 step tensor back as a Python float
-
-    same = param.dtype == exp_avg.dtype
-    work = param if same else param.to(exp_avg.dtype)
-    g = grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)
-
-    if weight_decay != 0:
-        work.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    work.addcdiv_(exp_avg, denom, value=-step_size)
-    if not same:
-        param.copy_(work)
-
-
-def adamw_group_update_(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, state_dtype) -> None:
-    """:func:`adamw_update_` with the hyperparameters of ``param``'s group (lr, betas, eps, wd)."""
-    beta1, beta2 = group["betas"]
-    adamw_update_(
-        param,
-        grad,
-        state,
-        lr=float(group["lr"]),
-        beta1=float(beta1),
-        beta2=float(beta2),
-        eps=float(group["eps"]),
-        weight_decay=float(group["weight_decay"]),
-        state_dtype=state_dtype,
-    )
+    """One Adam step of every slot (state created on first use), one ``update`` call per group."""
+    by_group: dict[int, list[int]] = {}
+    for k, slot in enumerate(slots):
+        by_group.setdefault(id(slot.group), []).append(k)
+    for members in by_group.values():
+        group = slots[members[0]].group
+        params = [slots[k].param for k in members]
+        states = [state[p] for p in params]
+        for p, st in zip(params, states):
+            if "step" not in st:
+                init_adam_state(p, st, state_dtype)
+            st["step"] += 1
+        beta1, beta2 = group["betas"]
+        update(
+            params, [grads[k] for k in members], [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states], [st["step"] for st in states], lr=float(group["lr"]),
+            beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+        )  # fmt: skip

@@ -1,44 +1,41 @@
-"""The base class of every optimizer of :mod:`lorenza.optim`.
+"""The base class of every seeded optimizer of :mod:`lorenza.optim`.
 
-What it provides, so that a subclass only writes its mathematics:
+How an optimizer is put together (``docs/algorithms.md`` has the mathematics):
 
-* **Parameter groups** with per-group hyperparameters checked on construction, in
-  ``add_param_group`` and again at every step (a scheduler or a user may edit a group); an unknown
-  group option is an error that names it. ``group_checks`` maps each option to its check.
-* **Streams and seeds**: every parameter has a fixed stream, its position in the optimizer's
-  parameter order across groups (frozen parameters keep their number but are skipped). The noise
-  of probe ``j`` of step ``t`` is drawn with seed ``probe_seed(seed, t, j)`` (:mod:`._seeds`).
-* **Global state** ``self._global``: ``seed``, ``step`` (steps attempted, the noise counter),
-  ``skipped`` (steps skipped for non-finite values) and the structural options of the subclass
-  (``num_probes``, ``num_queries``). ``state_dict()`` stores it under the key ``"lorenza"``;
-  ``load_state_dict`` restores it and keeps the saved dtype of every state tensor (torch would
-  cast float32 moments to a bfloat16 parameter's dtype).
-* **Probe machinery**: :meth:`_apply_noise_` (the one place where noise touches the parameters;
-  override it to perturb differently), :meth:`_probe_loss`, :meth:`_two_sided_probes` (restores
-  the parameters if the closure raises) and :meth:`_reduce` (one host synchronisation and, under
-  ``torch.distributed``, one all-reduce of the probe losses per step).
-* **The backward pass** :meth:`_gradient_pass`: zero the gradients, run the closure with grad
-  enabled, remove the recorded :class:`Perturbation`, check for non-finite values, and call
-  :meth:`_update_param` per parameter. With ``per_layer=True`` it does all of that inside each
-  parameter's post-accumulate-grad hook and frees the gradient at once.
-* **Skips**: :meth:`_skip` counts a skipped step and warns once per optimizer. A skipped step
-  removes the perturbations by regenerating and subtracting the noise: the parameters are those
-  before the step up to the rounding of that addition and subtraction (bitwise would need a
-  copy of the parameters, which algorithms.md's memory table excludes); the state is untouched.
+* **The arithmetic** is free functions over lists of tensors (``_functional.py``: AdamW and
+  galore-torch's AdamW as multi-tensor updates; ``lorenza_kernels``' seeded, projected-Adam and
+  randomized-SVD ops), so a step makes O(1) calls whatever the number of layers.
+* **This class** owns what every optimizer shares: parameter groups with per-group hyperparameters
+  checked on construction, in ``add_param_group`` and at every step (a scheduler or a user may edit
+  a group); fixed streams and per-step seeds; the global state and ``state_dict``; skips; the
+  rank-averaged probe losses; two-sided probes.
+* **Components**, held rather than mixed in: a noise object (``_noise.DenseNoise``, or
+  ``_subspace.SubspaceNoise`` for LORENZA's subspace probes) that applies and removes probes, the
+  :class:`~lorenza.optim._backward.GradientPass` that runs the one backward pass (normal or
+  per-layer), and for the low-rank optimizers the ``_subspace.Subspace`` that owns the bases.
+* **Hooks** a subclass implements, each receiving the step's context (a :class:`StepContext`:
+  step number, slots, noise, subspace plan) as an argument, so that nothing mid-step lives on the
+  optimizer: ``step(closure)`` (the algorithm), :meth:`_context` (what a step knows; the low-rank
+  optimizers add their plan) and, for the optimizers that take a gradient, :meth:`_update`
+  (``ctx, slots, grads``: one call for all parameters in normal mode, one per parameter in
+  per-layer mode).
 
-How a later optimizer plugs in (LORENZA, Lorenza+, GaLore-AdamW):
+Streams and seeds (``docs/rng.md``): every parameter has a fixed stream, its position in the
+optimizer's parameter order across groups (frozen parameters keep their number but are skipped).
+The noise of probe ``j`` of step ``t`` is drawn with seed ``probe_seed(seed, t, j)``
+(:mod:`._seeds`); noise that is not a probe (a randomized-SVD sketch) uses
+``probe_seed(seed, t, RESERVED_PROBE_BASE + k)``.
 
-* subclass :class:`~lorenza.optim.AdaZoSAM` (or this class), add group options to
-  ``group_checks`` and structural ones to ``global_checks``;
-* override :meth:`_apply_noise_` to apply a probe in a subspace (``P = Q U``: draw ``U`` with
-  ``lorenza_kernels.gaussian(R.shape, seed, slot.stream)`` and ``W.addmm_``) and return
-  ``||U||^2`` per slot; :class:`Perturbation` then removes it the same way, per parameter in the
-  per-layer hooks;
-* override :meth:`_update_param` (projected Adam, subspace refresh) and, for LORENZA's step 1,
-  ``AdaZoSAM._wants_ascent``;
-* per-parameter state goes in ``self.state[p]`` (saved and restored with its dtype), global
-  counters in ``self._global`` (saved under ``"lorenza"``); noise that is not a probe (a
-  randomized-SVD sketch) uses ``probe_seed(seed, step, RESERVED_PROBE_BASE + k)``.
+Global state ``self._global``: ``seed``, ``step`` (steps attempted, the noise counter),
+``skipped`` (steps skipped for non-finite values) and the structural options of the subclass
+(``num_probes``, ``num_queries``, ...). ``state_dict()`` stores it under the key ``"lorenza"``;
+``load_state_dict`` restores it and keeps the saved dtype of every state tensor (torch would cast
+float32 moments to a bfloat16 parameter's dtype). Per-parameter state lives in ``self.state[p]``.
+
+Skips: :meth:`_skip` counts a skipped step and warns once per optimizer. A skipped step removes
+the perturbations by regenerating and subtracting the noise: the parameters are those before the
+step up to the rounding of that addition and subtraction (bitwise would need a copy of the
+parameters, which the memory table excludes); the state is untouched.
 """
 
 from __future__ import annotations
@@ -46,25 +43,36 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
 from . import _checks
-from ._backward import BackwardPassMixin, _LayerPass
-from ._noise import Perturbation, Slot, seeded_axpby_streams_
+from ._backward import GradientPass, LayerPass, all_finite
+from ._noise import DenseNoise, Noise, Perturbation, Slot
 from .closure import as_loss
 
-__all__ = ["SeededOptimizer", "Perturbation", "Slot"]
+__all__ = ["SeededOptimizer", "StepContext"]
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the seeded kernels write these
 
 
-class SeededOptimizer(BackwardPassMixin, torch.optim.Optimizer):
+@dataclass
+class StepContext:
+    """What one step knows, handed to every hook: nothing of a step is kept on the optimizer."""
+
+    step: int
+    slots: list[Slot]
+    noise: Noise
+    plan: Any = None  # the subspace plan of the low-rank optimizers (``_subspace.SubspacePlan``)
+
+
+class SeededOptimizer(torch.optim.Optimizer):
     """Base class: see the module docstring. Subclasses set ``group_checks`` and ``global_checks``,
     call ``super().__init__(params, defaults, seed=..., options={...})`` and implement ``step``
-    (and :meth:`_update_param` when they take a gradient)."""
+    (and :meth:`_update` when they take a gradient)."""
 
     #: per-group option -> check(name, value); every key of ``defaults`` should have one.
     group_checks: ClassVar[dict[str, _checks.Check]] = {
@@ -101,8 +109,7 @@ class SeededOptimizer(BackwardPassMixin, torch.optim.Optimizer):
         self.state_dtype = state_dtype
         #: process group whose ranks average the probe losses (None: the default group).
         self.process_group = None
-        self._layer_pass: _LayerPass | None = None
-        self._hook_handles: list[Any] = []
+        self._gradient_pass = GradientPass(self)
         self._warned_skip = False
         super().__init__(params, defaults)
 
@@ -134,7 +141,7 @@ class SeededOptimizer(BackwardPassMixin, torch.optim.Optimizer):
             raise ValueError("params: a parameter appears twice (it would own two noise streams)")
         super().add_param_group(param_group)
         if self.per_layer:
-            self._install_hooks(self.param_groups[-1]["params"])
+            self._gradient_pass.install(self.param_groups[-1]["params"])
 
     def _check_groups(self) -> None:
         for group in self.param_groups:
@@ -199,16 +206,23 @@ class SeededOptimizer(BackwardPassMixin, torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         st = super().__getstate__()
         st.update(_global=self._global, per_layer=self.per_layer, state_dtype=self.state_dtype)
+        st.pop("_gradient_pass", None)  # hooks and weak references do not travel
         return st
+
+    def remove_hooks(self) -> None:
+        """Remove the per-layer hooks (the optimizer then works in normal mode)."""
+        self._gradient_pass.remove()
+        self.per_layer = False
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         full = "_global" in state
         super().__setstate__(state)
         if full:  # unpickled or deep-copied: rebuild what cannot travel
-            self.process_group, self._layer_pass, self._hook_handles, self._warned_skip = None, None, [], False
+            self.process_group, self._warned_skip = None, False
+            self._gradient_pass = GradientPass(self)
             if self.per_layer:
                 for group in self.param_groups:
-                    self._install_hooks(group["params"])
+                    self._gradient_pass.install(group["params"])
 
     # --- skips and checks ---------------------------------------------------------------------
 
@@ -234,33 +248,22 @@ class SeededOptimizer(BackwardPassMixin, torch.optim.Optimizer):
         self._check_groups()
         return closure
 
-    @staticmethod
-    def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-        if not tensors:
-            return True
-        device = tensors[0].device
-        return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
+    # --- hooks ----------------------------------------------------------------------------------
+
+    def _context(self, step: int) -> StepContext:
+        """The context of step ``step``: the trainable parameters with their streams, the noise."""
+        return StepContext(step, self._slots(), DenseNoise())
+
+    def _update(self, ctx: StepContext, slots: Sequence[Slot], grads: Sequence[torch.Tensor]) -> None:
+        """Update ``slots`` from their gradients (after their perturbation is removed)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no gradient")
+
+    def _open_layer_pass(self) -> LayerPass | None:
+        """Per-layer mode, a gradient arrived outside a pass the optimizer opened: None ignores it
+        (GaLore-AdamW opens a step there, its updates driven by the user's backward pass)."""
+        return None
 
     # --- probes ---------------------------------------------------------------------------------
-
-    def _apply_noise_(
-        self,
-        slots: Sequence[Slot],
-        seed: int,
-        alpha: float | Sequence[float],
-        beta: float | Sequence[float] = 1.0,
-        *,
-        row_vectors: Sequence[torch.Tensor] | None = None,
-        gamma: float | Sequence[float] | None = None,
-    ) -> torch.Tensor:
-        """``p <- beta p + alpha z (+ gamma 1 a^T)`` for each slot, ``z`` from ``(seed, slot.stream)``.
-
-        The only place where noise touches parameters: LORENZA overrides it to apply its probes
-        in the subspace. Returns ``||z||^2`` per slot from the same pass (float32 tensor).
-        """
-        return seeded_axpby_streams_(
-            [s.param for s in slots], [s.stream for s in slots], seed, alpha, beta, row_vectors=row_vectors, gamma=gamma
-        )
 
     def _probe_loss(self, closure: Callable[[], Any]) -> torch.Tensor:
         with torch.no_grad():
@@ -281,39 +284,40 @@ class SeededOptimizer(BackwardPassMixin, torch.optim.Optimizer):
         return out[: len(losses)], out[len(losses) :]
 
     def _two_sided_probes(
-        self, closure: Callable[[], Any], slots: Sequence[Slot], seeds: Sequence[int], mus: Sequence[float]
+        self, ctx: StepContext, closure: Callable[[], Any], seeds: Sequence[int], mus: Sequence[float]
     ) -> tuple[list[float], list[list[float]], bool]:
-        """``(losses, norms, ok)``: ``[L(p + mu z_0), L(p - mu z_0), L(p + mu z_1), ...]`` (rank-averaged),
-        ``||z_j||^2`` per probe and slot, and whether every loss is finite.
+        """``(losses, norms, ok)``: ``[L(p + mu P_0), L(p - mu P_0), L(p + mu P_1), ...]`` (rank-averaged),
+        ``||P_j||^2`` per probe and slot, and whether every loss is finite.
 
-        When ``ok``, leaves the parameters at ``p - mu z_last``: the caller fuses the last restore with
+        When ``ok``, leaves the parameters at ``p - mu P_last``: the caller fuses the last restore with
         its update. Otherwise it restores them and counts the skip. If the closure raises, the
         perturbation in place is removed before the exception propagates.
         """
+        slots, noise = ctx.slots, ctx.noise
         losses: list[torch.Tensor] = []
         norms: list[torch.Tensor] = []
         applied: tuple[int, list[float]] | None = None
         down = [-2.0 * m for m in mus]
         try:
             for j, seed in enumerate(seeds):
-                norms.append(self._apply_noise_(slots, seed, mus))
+                norms.append(noise.apply_(slots, seed, mus))
                 applied = (seed, list(mus))
                 losses.append(self._probe_loss(closure))
-                self._apply_noise_(slots, seed, down)
+                noise.apply_(slots, seed, down)
                 applied = (seed, [-m for m in mus])
                 losses.append(self._probe_loss(closure))
                 if j + 1 < len(seeds):
-                    self._apply_noise_(slots, seed, mus)
+                    noise.apply_(slots, seed, mus)
                     applied = None
         except BaseException:
             if applied is not None:
-                self._apply_noise_(slots, applied[0], [-a for a in applied[1]])
+                noise.apply_(slots, applied[0], [-a for a in applied[1]])
             raise
-        vals, flat = self._reduce(losses, torch.stack(norms) if slots else None)
+        vals, flat = self._reduce(losses, torch.cat(norms) if slots else None)
         n = len(slots)
         norms_per_probe = [flat[j * n : (j + 1) * n] for j in range(len(seeds))]
         if not all(math.isfinite(v) for v in vals):
-            self._apply_noise_(slots, seeds[-1], mus)
+            noise.apply_(slots, seeds[-1], mus)
             self._skip(f"non-finite loss in a zeroth-order probe ({vals})")
             return vals, norms_per_probe, False
         return vals, norms_per_probe, True

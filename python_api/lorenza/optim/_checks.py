@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from lorenza_kernels._checks import seed_value
+
 Check = Callable[[str, Any], None]
 
 
@@ -65,8 +67,11 @@ def dtype_or_none(name: str, value: Any, allowed: tuple[torch.dtype, ...]) -> No
 
 
 def seed(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int in [0, 2**64), got {type(value).__name__}")
-    if not 0 <= value < (1 << 64):
-        raise ValueError(f"{name}: must lie in [0, 2**64), got {value}")
+    """An integral seed in [0, 2^64) (the rule of ``lorenza_kernels``, defined once there)."""
+    return seed_value(value, name)
+
+
+def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     return value

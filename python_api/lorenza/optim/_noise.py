@@ -1,22 +1,27 @@
-"""Seeded noise on lists of tensors with fixed stream numbers, through ``lorenza_kernels`` only.
+"""Seeded noise on the parameters, through ``lorenza_kernels`` only, and the record of what is applied.
 
 Every parameter of an optimizer owns a fixed stream (its position in the optimizer's parameter
-order). ``lorenza_kernels.seeded_axpby_`` draws stream ``first_stream + k`` for tensor ``k`` of its
-list, so a list whose streams are not consecutive (frozen parameters in between, a subset of the
-parameters, several devices) is cut into runs of consecutive streams on one device, one kernel
-call per run. A non-contiguous tensor gets its own run through a contiguous copy.
+order, ``docs/rng.md``). :func:`seeded_axpby_slots_` applies noise to any subset of the parameters
+in one ``lorenza_kernels.seeded_axpby_`` call (the op takes one stream per tensor), one per device
+when the parameters live on several.
+
+The objects that apply a probe are components an optimizer holds, not methods it overrides:
+:class:`DenseNoise` perturbs the parameters themselves (``p <- beta p + alpha z``);
+``_subspace.SubspaceNoise`` perturbs LORENZA's projected matrices inside their subspaces.
+A :class:`Perturbation` remembers, as integers and floats only, what was applied, and removes it
+through the same component.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 
 import lorenza_kernels as lk
 
-__all__ = ["Perturbation", "Slot", "iter_runs", "per_slot", "seeded_axpby_streams_"]
+__all__ = ["DenseNoise", "Noise", "Perturbation", "Slot", "per_slot", "seeded_axpby_slots_"]
 
 
 class Slot(NamedTuple):
@@ -32,31 +37,16 @@ class Slot(NamedTuple):
 def per_slot(value: float | Sequence[float], n: int, name: str = "alpha") -> list[float]:
     if isinstance(value, (int, float)):
         return [float(value)] * n
-    out = [float(v) for v in value]
+    if type(value) is list and all(type(v) is float for v in value):
+        out = value
+    else:
+        out = [float(v) for v in value]
     if len(out) != n:
         raise ValueError(f"{name}: expected {n} values, got {len(out)}")
     return out
 
 
-def iter_runs(tensors: Sequence[torch.Tensor], streams: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` ranges of consecutive streams on one device, all contiguous."""
-    start, n = 0, len(tensors)
-    while start < n:
-        stop = start + 1
-        if tensors[start].is_contiguous():
-            while (
-                stop < n
-                and streams[stop] == streams[stop - 1] + 1
-                and tensors[stop].device == tensors[start].device
-                and tensors[stop].is_contiguous()
-            ):
-                stop += 1
-        yield start, stop
-        start = stop
-
-
-@torch.no_grad()
-def seeded_axpby_streams_(
+def seeded_axpby_slots_(
     tensors: Sequence[torch.Tensor],
     streams: Sequence[int],
     seed: int,
@@ -68,46 +58,68 @@ def seeded_axpby_streams_(
 ) -> torch.Tensor:
     """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k 1 a_k^T]`` with ``z_k`` from stream ``streams[k]``.
 
-    Returns ``sum(z_k^2)`` per tensor (float32, on the first tensor's device), from the same pass.
+    One kernel call per device. A non-contiguous tensor (rare for parameters) goes through a
+    contiguous copy. Called under ``torch.no_grad()`` by the optimizers (parameters are updated in
+    place, not detached: the op refuses tensors that require grad while grad is enabled). Returns ``sum(z_k^2)`` per tensor (float32, on the first tensor's device).
     """
     n = len(tensors)
     alphas, betas = per_slot(alpha, n, "alpha"), per_slot(beta, n, "beta")
     gammas = per_slot(gamma, n, "gamma") if gamma is not None else None
+    streams = list(streams)
     device = tensors[0].device if n else torch.device("cpu")
-    out = []
-    for start, stop in iter_runs(tensors, streams):
-        ts = [t.detach() for t in tensors[start:stop]]
-        original = None
-        if not ts[0].is_contiguous():
-            original, ts = ts[0], [ts[0].contiguous()]
+    devices = {t.device for t in tensors}
+    copies = [k for k, t in enumerate(tensors) if not t.is_contiguous()]
+    if len(devices) <= 1 and not copies:  # the usual case: one call, nothing to rearrange
+        rows = list(row_vectors) if row_vectors is not None else None
+        return lk.seeded_axpby_(list(tensors), seed, alphas, betas, streams=streams, row_vectors=rows, gamma=gammas)
+    work = [t.contiguous() if k in copies else t for k, t in enumerate(tensors)]
+    norms = torch.empty(n, dtype=torch.float32, device=device)
+    for dev in devices:
+        idx = [k for k, t in enumerate(work) if t.device == dev]
         sq = lk.seeded_axpby_(
-            ts,
+            [work[k] for k in idx],
             seed,
-            alphas[start:stop],
-            betas[start:stop],
-            first_stream=int(streams[start]),
-            row_vectors=list(row_vectors[start:stop]) if row_vectors is not None else None,
-            gamma=gammas[start:stop] if gammas is not None else None,
+            [alphas[k] for k in idx],
+            [betas[k] for k in idx],
+            streams=[streams[k] for k in idx],
+            row_vectors=[row_vectors[k] for k in idx] if row_vectors is not None else None,
+            gamma=[gammas[k] for k in idx] if gammas is not None else None,
         )
-        if original is not None:
-            original.copy_(ts[0])
-        out.append(sq.to(device))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float32, device=device)
+        norms[idx] = sq.to(device)
+    for k in copies:
+        tensors[k].copy_(work[k])
+    return norms
+
+
+class Noise(Protocol):
+    """How a probe of one step is applied: ``p <- beta p + alpha P(seed, slot)``; returns ``||P||^2``."""
+
+    def apply_(
+        self, slots: Sequence[Slot], seed: int, alpha: Sequence[float], beta: float | Sequence[float] = 1.0
+    ) -> torch.Tensor: ...
+
+
+class DenseNoise:
+    """Full-space probes: ``P = z``, drawn from ``(seed, stream of the parameter)``."""
+
+    def apply_(
+        self, slots: Sequence[Slot], seed: int, alpha: Sequence[float], beta: float | Sequence[float] = 1.0
+    ) -> torch.Tensor:
+        return seeded_axpby_slots_([s.param for s in slots], [s.stream for s in slots], seed, alpha, beta)
 
 
 class Perturbation:
     """The seeded noise currently added to the parameters, kept as integers and floats only.
 
-    ``terms`` is a list of ``(seed, alphas)``: slot ``i`` holds ``sum_terms alphas[i] z(seed, stream_i)``
+    ``terms`` is a list of ``(seed, alphas)``: slot ``i`` holds ``sum_terms alphas[i] P(seed, slot_i)``
     on top of its unperturbed value. :meth:`restore` removes it (all slots, or a subset: the
     per-layer hooks restore one parameter as soon as its gradient is ready), in the reverse order
-    of application, through the optimizer's ``_apply_noise_`` so that a subclass that perturbs in
-    another way (LORENZA's subspace probes) is undone the same way. Restoring is exact up to the
-    rounding of the additions, as algorithms.md states.
+    of application, through the ``noise`` that applied it. Restoring is exact up to the rounding of
+    the additions (``docs/algorithms.md``, "Skipped steps").
     """
 
-    def __init__(self, optimizer, slots: Sequence[Slot]):
-        self.optimizer = optimizer
+    def __init__(self, noise: Noise, slots: Sequence[Slot]):
+        self.noise = noise
         self.slots = list(slots)
         self.terms: list[tuple[int, list[float]]] = []
         self.restored = [False] * len(self.slots)
@@ -121,6 +133,6 @@ class Perturbation:
         for seed, alphas in reversed(self.terms):
             live = [i for i in todo if alphas[i] != 0.0]
             if live:
-                self.optimizer._apply_noise_([self.slots[i] for i in live], seed, [-alphas[i] for i in live])
+                self.noise.apply_([self.slots[i] for i in live], seed, [-alphas[i] for i in live])
         for i in todo:
             self.restored[i] = True

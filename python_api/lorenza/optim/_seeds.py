@@ -20,6 +20,8 @@ Conventions shared by every optimizer of :mod:`lorenza.optim`:
 
 from __future__ import annotations
 
+from lorenza_kernels._checks import seed_value
+
 _MASK64 = (1 << 64) - 1
 RESERVED_PROBE_BASE = 1 << 32
 INIT_STEP = 0
@@ -37,14 +39,6 @@ def splitmix64(x: int) -> int:
     return z ^ (z >> 31)
 
 
-def _check_u64(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int in [0, 2**64), got {type(value).__name__}")
-    if not 0 <= value <= _MASK64:
-        raise ValueError(f"{name}: must lie in [0, 2**64), got {value}")
-    return value
-
-
 def probe_seed(seed: int, step: int, probe: int) -> int:
     """The 64-bit Philox seed of probe ``probe`` of step ``step`` of an optimizer seeded with ``seed``.
 
@@ -53,7 +47,5 @@ def probe_seed(seed: int, step: int, probe: int) -> int:
     always get distinct seeds, and so do distinct steps for one seed and probe; any other two
     triples meet with the probability of a random 64-bit function (about 2^-64).
     """
-    seed = _check_u64(seed, "seed")
-    step = _check_u64(step, "step")
-    probe = _check_u64(probe, "probe")
+    seed, step, probe = seed_value(seed, "seed"), seed_value(step, "step"), seed_value(probe, "probe")
     return splitmix64(splitmix64(splitmix64(seed) ^ step) ^ probe)

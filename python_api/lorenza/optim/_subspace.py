@@ -1,57 +1,89 @@
-"""Subspace selection of the projected optimizers (LORENZA, Lorenza+, GaLore-AdamW).
+"""The subspaces of the projected optimizers (LORENZA, Lorenza+, GaLore-AdamW), as a component.
 
-One function, :func:`refresh_bases`, turns gradients into orthonormal bases, so that the
-optimizers never care which SVD produced them:
+Which parameters are projected (``docs/algorithms.md``, "LORENZA"): a parameter of 2 or more
+dimensions, viewed as ``m x n`` (``lorenza_kernels.matrix_dims``: ``shape[0] x rest``), whose group
+has ``rank`` r with ``1 <= r < min(m, n)``; GaLore's side rule (``lorenza_kernels.projection_side``)
+puts the basis on the right when ``m >= n``. Every other parameter is dense. **choice**:
+``rank >= min(m, n)`` makes that matrix dense rather than an error (a rank-``min(m, n)`` subspace
+is the whole space, and dense Adam stores less than ``Q`` plus moments would).
 
-* ``svd="exact"``: ``torch.linalg.svd`` of the float32 gradient, matrix by matrix, truncated to
-  the top ``rank`` singular vectors. This is exactly GaLore's ``get_orthogonal_matrix``
-  (https://github.com/jiaweizzhao/GaLore, ``galore_torch/galore_projector.py``): same call, same
-  float32 input, same LAPACK signs, so GaLore-AdamW reproduces the ``galore-torch`` package.
-* ``svd="randomized"``: the project's batched randomized SVD (``kernels.md`` section 3),
-  ``lorenza_kernels.randomized_range_list``: ALL matrices in one call, grouped by shape inside it.
-  Matrix ``i`` of the list is sketched from stream ``first_stream + i`` of ``seed``.
+State of a projected parameter (float32; the memory table's ``Q + 2 r max(m, n)``):
+``proj`` (the basis ``Q``), ``exp_avg``, ``exp_avg_sq`` (of ``R``'s shape), ``step`` (Adam's
+bias-correction count; restarts at 0 on ``moment_transform="reset"``), ``updates`` (projected
+updates taken; the basis is (re)built from the gradient of the update with
+``updates % update_interval == 0``, GaLore's ``iter % update_proj_gap == 0``) and ``refreshes``.
 
-Shapes (``algorithms.md``, GaLore's side rule): a parameter is viewed as ``m x n`` (``shape[0] x
-rest``); if ``m >= n`` the basis is on the right (``Q`` is ``n x r``, ``R = G Q``), otherwise on
-the left (``Q`` is ``m x r``, ``R = Q^T G``). Bases are float32, contiguous, ``d x r``.
+A step's refreshes are planned when it starts (:meth:`Subspace.plan`), from the state alone, so
+every rank of a distributed job and every resumed run plans the same ones. Planned matrix ``k``
+(parameter order) is sketched from stream ``k`` of ``probe_seed(seed, step, RESERVED_PROBE_BASE)``:
+normal mode refreshes every planned matrix in one ``randomized_range_list`` call, per-layer mode
+each matrix alone in its hook, with the same stream, so both agree. The projected Adam step is one
+``projected_adam_step_batched_`` call per (shape, dtypes, side, group) bucket, and the moment
+transform one ``moment_transform_`` call per side.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
 import lorenza_kernels as lk
 
-__all__ = ["SVDS", "matrix_dims", "refresh_bases", "side_for", "subspace_dims"]
+from . import _checks
+from ._noise import Slot, seeded_axpby_slots_
+from ._seeds import RESERVED_PROBE_BASE, probe_seed
+
+__all__ = ["Layout", "MOMENT_TRANSFORMS", "SVDS", "Subspace", "SubspaceNoise", "SubspacePlan", "refresh_bases"]
 
 SVDS = ("exact", "randomized")
+MOMENT_TRANSFORMS = lk.MODES  # "rotate", "keep", "reset"
 
 
-def matrix_dims(p: torch.Tensor) -> tuple[int, int]:
-    """``(m, n)`` of the matrix view of a tensor of 2 or more dimensions: ``shape[0] x rest``."""
-    return p.shape[0], math.prod(p.shape[1:])
+def check_rank(name: str, value: Any) -> None:
+    if value is not None:
+        _checks.int_at_least(name, value, 1)
 
 
-def side_for(m: int, n: int) -> str:
-    """GaLore's rule: project from the right when ``m >= n``, from the left otherwise."""
-    return "right" if m >= n else "left"
+LOWRANK_GROUP_CHECKS: dict[str, _checks.Check] = {
+    "rank": check_rank,
+    "update_interval": lambda name, value: _checks.int_at_least(name, value, 1),
+    "scale": _checks.non_negative,
+}
 
 
-def subspace_dims(m: int, n: int, rank: int) -> tuple[str, tuple[int, int], tuple[int, int]]:
-    """``(side, Q's shape, R's shape)`` of an ``m x n`` matrix projected to ``rank``."""
-    side = side_for(m, n)
-    if side == "right":
-        return side, (n, rank), (m, rank)
-    return side, (m, rank), (rank, n)
+class Layout(NamedTuple):
+    """How one projected parameter is seen: its ``m x n`` view, side, rank, ``Q``'s and ``R``'s shapes."""
+
+    m: int
+    n: int
+    side: str
+    rank: int
+    proj_shape: tuple[int, int]
+    moment_shape: tuple[int, int]
 
 
-def _exact(A: torch.Tensor, rank: int, side: str) -> torch.Tensor:
-    # GaLore calls torch.linalg.svd on the float32 matrix (a copy only when it is not float32).
-    U, _, Vh = torch.linalg.svd(A if A.dtype == torch.float32 else A.float(), full_matrices=False)
-    return (U[:, :rank] if side == "left" else Vh[:rank].t()).contiguous()
+def layout_of(param: torch.Tensor, rank: int | None) -> Layout | None:
+    if rank is None or param.dim() < 2:
+        return None
+    m, n = lk.matrix_dims(param)
+    if rank >= min(m, n):
+        return None
+    side = lk.projection_side(m, n)
+    return Layout(m, n, side, rank, *lk._shapes.projected_shapes(m, n, rank, side))
+
+
+@dataclass
+class SubspacePlan:
+    """One step's view of the subspaces: each slot's layout (None: dense) and the refreshes due."""
+
+    step: int
+    seed: int  # of the randomized-SVD sketches
+    layouts: dict[int, Layout | None]  # slot.index -> layout
+    position: dict[int, int]  # slot.index -> stream of its sketch (position among the refreshes)
 
 
 @torch.no_grad()
@@ -62,29 +94,204 @@ def refresh_bases(
     *,
     svd: str,
     seed: int,
+    streams: Sequence[int],
     oversample: int = 8,
     power_iters: int = 1,
-    first_stream: int = 0,
 ) -> list[torch.Tensor]:
-    """Orthonormal bases of the dominant rank-``ranks[i]`` subspace of every ``matrices[i]`` (2-D).
+    """Orthonormal float32 bases (``d x r``, contiguous) of the dominant subspaces, in input order.
 
-    ``sides[i]`` is ``"left"`` (``m x r``) or ``"right"`` (``n x r``). Returns float32 bases in
-    input order. ``seed``, ``oversample``, ``power_iters`` and ``first_stream`` only matter for
-    ``svd="randomized"`` (matrix ``i`` uses stream ``first_stream + i``).
+    ``svd="exact"``: ``torch.linalg.svd`` of the float32 matrix, truncated: exactly GaLore's
+    ``get_orthogonal_matrix`` (https://github.com/jiaweizzhao/GaLore, same call, same input, same
+    LAPACK signs), so GaLore-AdamW reproduces galore-torch. ``svd="randomized"``: the batched
+    randomized SVD, all matrices in one ``lorenza_kernels.randomized_range_list`` call, matrix ``i``
+    sketched from stream ``streams[i]`` of ``seed``.
     """
     if svd == "exact":
-        return [_exact(A, r, s) for A, r, s in zip(matrices, ranks, sides)]
-    if svd != "randomized":
-        raise ValueError(f"svd: expected one of {SVDS}, got {svd!r}")
+        out = []
+        for A, r, side in zip(matrices, ranks, sides):
+            U, _, Vh = torch.linalg.svd(A if A.dtype == torch.float32 else A.float(), full_matrices=False)
+            out.append((U[:, :r] if side == "left" else Vh[:r].t()).contiguous())
+        return out
     if not matrices:
         return []
     bases = lk.randomized_range_list(
-        list(matrices),
-        list(ranks),
-        sides=list(sides),
-        oversample=oversample,
-        power_iters=power_iters,
-        seed=seed,
-        first_stream=first_stream,
-    )
+        list(matrices), list(ranks), sides=list(sides), oversample=oversample, power_iters=power_iters, seed=seed,
+        streams=list(streams),
+    )  # fmt: skip
     return [Q if Q.is_contiguous() else Q.contiguous() for Q in bases]
+
+
+class Subspace:
+    """The bases and projected Adam moments of an optimizer's matrices (a component it holds).
+
+    It reads the optimizer's per-parameter ``state`` and global options (``svd``, ``oversample``,
+    ``power_iters``) through a weak reference: ``load_state_dict`` replaces both objects.
+    """
+
+    def __init__(self, optimizer: Any):
+        self._owner = weakref.ref(optimizer)
+
+    def layout(self, slot: Slot) -> Layout | None:
+        lay = layout_of(slot.param, slot.group["rank"])
+        state = self._owner().state.get(slot.param, {})
+        if state:
+            had = state.get("proj")
+            if (lay is None) != (had is None) or (had is not None and had.shape != lay.proj_shape):
+                was = "dense" if had is None else f"rank {had.shape[1]}"
+                now = "dense" if lay is None else f"rank {lay.rank}"
+                raise ValueError(
+                    f"param_groups: the group 'rank' of a {tuple(slot.param.shape)} parameter changed after its "
+                    f"state was built ({was} -> {now}); the rank of a parameter is fixed once it has state"
+                )
+        return lay
+
+    def plan(self, slots: Sequence[Slot], step: int) -> SubspacePlan:
+        opt = self._owner()
+        layouts = {s.index: self.layout(s) for s in slots}
+        due = []
+        for s in slots:
+            if layouts[s.index] is None:
+                continue
+            state = opt.state.get(s.param, {})
+            if "proj" not in state or state["updates"] % int(s.group["update_interval"]) == 0:
+                due.append(s.index)
+        seed = probe_seed(opt.seed, step, RESERVED_PROBE_BASE)
+        return SubspacePlan(step, seed, layouts, {i: k for k, i in enumerate(due)})
+
+    def has_basis(self, slot: Slot) -> bool:
+        return "proj" in self._owner().state.get(slot.param, {})
+
+    # --- the update -------------------------------------------------------------------------------
+
+    def update(
+        self,
+        plan: SubspacePlan,
+        slots: Sequence[Slot],
+        grads: Sequence[torch.Tensor],
+        *,
+        moment_transform: str,
+        adam_scalars: Callable[[dict, int], tuple[float, float]],
+    ) -> None:
+        """Refresh the due bases of ``slots`` (one SVD call), carry their moments, then one projected
+        Adam call per bucket of same-shape layers. ``adam_scalars(group, step)`` gives ``(eps, scale)``."""
+        opt = self._owner()
+        glob = opt._global
+        due = [k for k, s in enumerate(slots) if s.index in plan.position]
+        if due:
+            lays = [plan.layouts[slots[k].index] for k in due]
+            bases = refresh_bases(
+                [grads[k].reshape(lo.m, lo.n) for k, lo in zip(due, lays)], [lo.rank for lo in lays],
+                [lo.side for lo in lays], svd=glob["svd"], seed=plan.seed,
+                streams=[plan.position[slots[k].index] for k in due], oversample=glob.get("oversample", 8),
+                power_iters=glob.get("power_iters", 1),
+            )  # fmt: skip
+            self._install(opt.state, [slots[k] for k in due], lays, bases, moment_transform)
+        buckets: dict[tuple, list[int]] = {}
+        for k, s in enumerate(slots):
+            st = opt.state[s.param]
+            st["step"] += 1
+            st["updates"] += 1
+            eps, scale = adam_scalars(s.group, st["step"])
+            lay = plan.layouts[s.index]
+            key = (id(s.group), lay, s.param.dtype, grads[k].dtype, s.param.device, eps, scale)
+            buckets.setdefault(key, []).append(k)
+        for (_, lay, *_, eps, scale), members in buckets.items():
+            self._projected_adam(opt.state, [slots[k] for k in members], [grads[k] for k in members], lay, eps, scale)
+
+    @staticmethod
+    def _install(state, slots, lays, bases, moment_transform: str) -> None:
+        carry: dict[str, list[tuple]] = {}
+        for slot, lay, Q in zip(slots, lays, bases):
+            st = state[slot.param]
+            if "proj" not in st:
+                st["step"], st["updates"], st["refreshes"] = 0, 0, 0
+                st["exp_avg"] = torch.zeros(lay.moment_shape, dtype=torch.float32, device=slot.param.device)
+                st["exp_avg_sq"] = torch.zeros(lay.moment_shape, dtype=torch.float32, device=slot.param.device)
+            elif moment_transform != "keep":
+                carry.setdefault(lay.side, []).append((st["exp_avg"], st["exp_avg_sq"], st["proj"], Q))
+                if moment_transform == "reset":
+                    st["step"] = 0  # bias correction starts over
+            st["proj"] = Q
+            st["refreshes"] += 1
+        for side, items in carry.items():
+            lk.moment_transform_(*(list(x) for x in zip(*items)), side=side, mode=moment_transform)
+
+    @staticmethod
+    def _projected_adam(state, slots, grads, lay: Layout, eps: float, scale: float) -> None:
+        group = slots[0].group
+        params = [s.param for s in slots]
+        work = [p if p.is_contiguous() else p.contiguous() for p in params]
+        states = [state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        lk.projected_adam_step_batched_(
+            work, [g if g.is_contiguous() else g.contiguous() for g in grads], [st["proj"] for st in states],
+            [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], step=[st["step"] for st in states],
+            lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=eps,
+            weight_decay=float(group["weight_decay"]), scale=scale, side=lay.side,
+            residual_scale=float(group.get("residual_scale", 0.0)),
+        )  # fmt: skip
+        for p, w in zip(params, work):
+            if w is not p:
+                p.copy_(w)
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor of the optimizer's state (the memory table's "optimizer state")."""
+        tensors = [v for st in self._owner().state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        return sum(v.numel() * v.element_size() for v in tensors)
+
+
+class SubspaceNoise:
+    """LORENZA's probes: dense slots as :class:`~lorenza.optim._noise.DenseNoise`; a slot with a basis
+    gets ``W <- beta W + alpha Q U`` (left) or ``alpha U Q^T`` (right), ``U`` of ``R``'s shape from
+    ``(seed, stream)``; a projected slot without a basis yet is not probed (``||P||^2 = 0``).
+
+    All the ``U`` of one application come from one ``seeded_axpby_`` call (which also returns
+    ``||U||^2 = ||P||^2``); each product is an in-place ``addmm_`` (never an ``m x n`` temporary), in
+    the parameter's dtype: for bfloat16/float16 parameters ``Q`` and ``U`` are rounded to it.
+    """
+
+    def __init__(self, subspace: Subspace, plan: SubspacePlan):
+        self.subspace, self.plan = subspace, plan
+
+    def apply_(
+        self, slots: Sequence[Slot], seed: int, alpha: Sequence[float], beta: float | Sequence[float] = 1.0
+    ) -> torch.Tensor:
+        n = len(slots)
+        alphas = list(alpha)
+        betas = [float(beta)] * n if isinstance(beta, (int, float)) else list(beta)
+        layouts = self.plan.layouts
+        dense = [k for k, s in enumerate(slots) if layouts[s.index] is None]
+        projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None and self.subspace.has_basis(s)]
+        device = slots[0].param.device if n else torch.device("cpu")
+        out = torch.zeros(n, dtype=torch.float32, device=device)
+        if dense:
+            sq = seeded_axpby_slots_(
+                [slots[k].param for k in dense], [slots[k].stream for k in dense], seed,
+                [alphas[k] for k in dense], [betas[k] for k in dense],
+            )  # fmt: skip
+            out[dense] = sq.to(device)
+        if projected:
+            state = self.subspace._owner().state
+            us = []
+            for k in projected:
+                lay = layouts[slots[k].index]
+                us.append(torch.empty(lay.moment_shape, dtype=torch.float32, device=slots[k].param.device))
+            sq = seeded_axpby_slots_(us, [slots[k].stream for k in projected], seed, 1.0, 0.0)
+            out[projected] = sq.to(device)
+            for k, U in zip(projected, us):
+                self._apply_one(slots[k].param, state[slots[k].param]["proj"], U, layouts[slots[k].index], alphas[k], betas[k])
+        return out
+
+    @staticmethod
+    def _apply_one(param: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, lay: Layout, alpha: float, beta: float) -> None:
+        p = param.detach()
+        work = p if p.is_contiguous() else p.contiguous()
+        W = work.view(lay.m, lay.n)
+        if W.dtype != U.dtype:
+            U, Q = U.to(W.dtype), Q.to(W.dtype)
+        if lay.side == "right":
+            W.addmm_(U, Q.t(), beta=beta, alpha=alpha)
+        else:
+            W.addmm_(Q, U, beta=beta, alpha=alpha)
+        if work is not p:
+            p.copy_(work)

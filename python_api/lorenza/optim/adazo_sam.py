@@ -12,15 +12,16 @@ from typing import Any
 import torch
 
 from . import _checks
-from ._adam import adamw_group_update_
-from ._base import SeededOptimizer, Perturbation, Slot
+from ._adam import adamw_slots_
+from ._base import SeededOptimizer, StepContext
+from ._noise import Perturbation, Slot
 from ._seeds import probe_seed
 
 __all__ = ["AdaZoSAM"]
 
 
 class AdaZoSAM(SeededOptimizer):
-    r"""AdaZo-SAM, ``algorithms.md`` "AdaZo-SAM".
+    r"""AdaZo-SAM, ``docs/algorithms.md`` "AdaZo-SAM".
 
     Per step ``t``, with ``z_j`` drawn from ``(probe_seed(seed, t, j), stream of the parameter)``:
 
@@ -32,12 +33,13 @@ class AdaZoSAM(SeededOptimizer):
        applies ``+mu z_j``. The restore of the last probe and ``+eps``'s last term are one pass;
     3. ``theta += eps``; the closure with grad enabled gives ``g = grad L(theta + eps)``;
        ``theta -= eps`` (regenerated from the seeds, exact up to rounding);
-    4. the AdamW step of ``torch.optim.AdamW`` with ``g`` (``_adam.adamw_update_``).
+    4. the AdamW step of ``torch.optim.AdamW`` with ``g``, one multi-tensor update per group
+       (``_functional.adamw_``).
 
     ``rho``, ``mu``, ``lr``, ``betas``, ``eps``, ``weight_decay`` are per group. A group's ``mu``
     scales its part of the probe and its ``c_j`` (``(L+ - L-) / (2 mu_group)``, the estimate of that
     group's directional derivative); a group's share of the perturbation is
-    ``rho_group G_group / ||G||``. With one ``mu`` and one ``rho`` this is algorithms.md exactly.
+    ``rho_group G_group / ||G||``. With one ``mu`` and one ``rho`` this is the documented formula.
     When every group has ``rho = 0`` the probes are skipped (they would not move anything) and
     the optimizer is AdamW: bitwise on float32 parameters with float32 state.
 
@@ -93,31 +95,29 @@ class AdaZoSAM(SeededOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
         closure = self._require_closure(closure)
-        t = self._global["step"] + 1
-        slots = self._slots()
-        perturbation = Perturbation(self, slots)
-        if self._wants_ascent(t, slots):
-            probe_loss = self._ascend(closure, slots, t, perturbation)
+        ctx = self._context(self._global["step"] + 1)
+        perturbation = Perturbation(ctx.noise, ctx.slots)
+        if self._wants_ascent(ctx):
+            probe_loss = self._ascend(ctx, closure, perturbation)
             if probe_loss is not None:  # skipped: non-finite probe
-                self._global["step"] = t
+                self._global["step"] = ctx.step
                 return probe_loss
-        loss = self._gradient_pass(closure, slots, perturbation)
-        self._global["step"] = t
+        loss = self._gradient_pass.run(ctx, closure, perturbation)
+        self._global["step"] = ctx.step
         return loss
 
-    def _wants_ascent(self, step: int, slots: Sequence[Slot]) -> bool:
-        """Whether step ``step`` perturbs at all (LORENZA: not at step 1, where it builds its subspace)."""
-        return any(float(s.group["rho"]) != 0.0 for s in slots)
+    def _wants_ascent(self, ctx: StepContext) -> bool:
+        """Whether this step perturbs at all (LORENZA: not at step 1, where it builds its subspace)."""
+        return any(float(s.group["rho"]) != 0.0 for s in ctx.slots)
 
-    def _ascend(
-        self, closure: Callable[[], Any], slots: Sequence[Slot], step: int, perturbation: Perturbation
-    ) -> torch.Tensor | None:
+    def _ascend(self, ctx: StepContext, closure: Callable[[], Any], perturbation: Perturbation) -> torch.Tensor | None:
         """Steps 1-3 up to ``theta += eps``, recorded in ``perturbation``. Returns None, or the mean
         probe loss when a probe was non-finite and the step is skipped (parameters restored)."""
+        slots = ctx.slots
         q = self._global["num_probes"]
-        seeds = [probe_seed(self.seed, step, j) for j in range(q)]
+        seeds = [probe_seed(self.seed, ctx.step, j) for j in range(q)]
         mus = [float(s.group["mu"]) for s in slots]
-        losses, norms, ok = self._two_sided_probes(closure, slots, seeds, mus)
+        losses, norms, ok = self._two_sided_probes(ctx, closure, seeds, mus)
         if not ok:
             return torch.tensor(sum(losses) / len(losses))
         c = [[(losses[2 * j] - losses[2 * j + 1]) / (2.0 * mu) for mu in mus] for j in range(q)]
@@ -127,12 +127,12 @@ class AdaZoSAM(SeededOptimizer):
         e = [[rho * cji / q * inv_norm for rho, cji in zip(rhos, cj)] for cj in c]
         last = q - 1
         # theta is at theta0 - mu z_last: restore it and add eps's last term in one pass.
-        self._apply_noise_(slots, seeds[last], [mu + ei for mu, ei in zip(mus, e[last])])
+        ctx.noise.apply_(slots, seeds[last], [mu + ei for mu, ei in zip(mus, e[last])])
         perturbation.add(seeds[last], e[last])
         for j in range(last):
-            self._apply_noise_(slots, seeds[j], e[j])
+            ctx.noise.apply_(slots, seeds[j], e[j])
             perturbation.add(seeds[j], e[j])
         return None
 
-    def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
-        adamw_group_update_(slot.param, grad, self.state[slot.param], slot.group, self.state_dtype)
+    def _update(self, ctx: StepContext, slots: Sequence[Slot], grads: Sequence[torch.Tensor]) -> None:
+        adamw_slots_(self.state, slots, grads, self.state_dtype)

@@ -7,15 +7,18 @@ replacement of ``galore_torch.GaLoreAdamW`` (https://github.com/jiaweizzhao/GaLo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from . import _checks
-from ._backward import _LayerPass
-from ._base import Perturbation, SeededOptimizer, Slot
-from ._lowrank import LOWRANK_GROUP_CHECKS, LowRankMixin, check_choice, check_svd
+from ._adam import adamw_slots_
+from ._backward import LayerPass
+from ._base import SeededOptimizer, StepContext
+from ._functional import galore_adamw_
+from ._noise import DenseNoise, Slot
+from ._subspace import LOWRANK_GROUP_CHECKS, SVDS, Subspace
 from .closure import as_loss
 
 __all__ = ["GaLoreAdamW"]
@@ -30,14 +33,14 @@ def _check_proj_type(name: str, value: Any) -> None:
             f"{name}: {value!r} is a galore-torch projection this GaLoreAdamW does not implement; only 'std' "
             "(project from the smaller side: right when m >= n) is supported"
         )
-    check_choice(name, value, PROJ_TYPES)
+    _checks.choice(name, value, PROJ_TYPES)
 
 
-class GaLoreAdamW(LowRankMixin, SeededOptimizer):
-    r"""GaLore-AdamW, ``algorithms.md`` "GaLore-AdamW": projected Adam, one backward pass, no probes.
+class GaLoreAdamW(SeededOptimizer):
+    r"""GaLore-AdamW, ``docs/algorithms.md`` "GaLore-AdamW": projected Adam, one backward pass, no probes.
 
     A projected parameter (2+ dimensions viewed as ``m x n``, group ``rank`` r < min(m, n), see
-    :mod:`._lowrank`) keeps ``Q`` and moments of ``R``'s shape; ``Q`` is rebuilt from the current
+    :mod:`._subspace`) keeps ``Q`` and moments of ``R``'s shape; ``Q`` is rebuilt from the current
     gradient on its 1st, (1 + update_interval)-th, ... update (galore-torch sets its projector at
     ``iter % update_proj_gap == 0`` with ``iter`` the updates taken before, so at the first update)
     and the moments are kept across refreshes (galore-torch). Side rule and ``scale`` as GaLore's
@@ -105,7 +108,7 @@ class GaLoreAdamW(LowRankMixin, SeededOptimizer):
         seed: int = 0,
         per_layer: bool = False,
     ) -> None:
-        check_svd("svd", svd)
+        _checks.choice("svd", svd, SVDS)
         if isinstance(params, torch.Tensor):
             raise TypeError("params: expected an iterable of tensors or of dicts, got a tensor")
         params = list(params)
@@ -118,6 +121,7 @@ class GaLoreAdamW(LowRankMixin, SeededOptimizer):
         options = {"oversample": oversample, "power_iters": power_iters}
         super().__init__(params, defaults, seed=seed, per_layer=per_layer, options=options)
         self._global["svd"] = svd
+        self._subspace = Subspace(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict) and "update_proj_gap" in param_group:
@@ -134,9 +138,17 @@ class GaLoreAdamW(LowRankMixin, SeededOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         glob = state_dict.get("lorenza") if isinstance(state_dict, dict) else None
         if isinstance(glob, dict):
-            check_svd("state_dict['lorenza']['svd']", glob.get("svd"))
+            _checks.choice("state_dict['lorenza']['svd']", glob.get("svd"), SVDS)
         super().load_state_dict(state_dict)
-        self._layer_pass, self._step_plan = None, None
+        self._gradient_pass.active = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._subspace = Subspace(self)
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor of the optimizer's state (the memory table's "optimizer state")."""
+        return self._subspace.state_bytes()
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -158,52 +170,40 @@ class GaLoreAdamW(LowRankMixin, SeededOptimizer):
     def _finish_step(self) -> None:
         t = self._global["step"] + 1
         if self.per_layer:
-            layer_pass = self._layer_pass or self._open_layer_pass()
-            try:
-                # Parameters with a gradient but no hook (made trainable after construction).
-                for slot in layer_pass.perturbation.slots:
-                    if slot.index not in layer_pass.done and slot.param.grad is not None:
-                        self._finish_param(layer_pass, slot.index)
-            finally:
-                self._layer_pass, self._step_plan = None, None
+            if self._gradient_pass.active is None:  # no gradient arrived since the last step
+                self._open_layer_pass()
+            layer_pass = self._gradient_pass.close()
             if not layer_pass.ok:
                 self._skip("non-finite gradient (per-layer mode: parameters updated before it keep their update)")
         else:
-            slots = self._slots()
-            self._plan_step(slots, t)
-            try:
-                grads = [s.param.grad for s in slots if s.param.grad is not None]
-                if not self._all_finite(grads):
-                    self._skip("non-finite gradient")
-                else:
-                    for slot in slots:
-                        if slot.param.grad is not None:
-                            self._update_param(slot, slot.param.grad)
-            finally:
-                self._step_plan = None
+            self._gradient_pass.update_present(self._context(t), None)
         self._global["step"] = t
 
-    def _open_layer_pass(self) -> _LayerPass:
+    # --- hooks ------------------------------------------------------------------------------------
+
+    def _context(self, step: int) -> StepContext:
         slots = self._slots()
-        self._plan_step(slots, self._global["step"] + 1)
-        self._layer_pass = _LayerPass(Perturbation(self, slots))  # no perturbation: restore is a no-op
-        return self._layer_pass
+        return StepContext(step, slots, DenseNoise(), self._subspace.plan(slots, step))
 
-    @torch.no_grad()
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
+    def _open_layer_pass(self) -> LayerPass | None:
         # The user's backward drives the per-layer updates: its first gradient opens the step.
-        if self._layer_pass is None and self.per_layer:
-            self._open_layer_pass()
-        super()._on_grad_ready(param)
+        if not self.per_layer:
+            return None
+        return self._gradient_pass.open(self._context(self._global["step"] + 1))
 
-    # --- updates ------------------------------------------------------------------------------
-
-    def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
-        lay = self._step_plan.layouts[slot.index]
-        if lay is None:
-            self._dense_update(slot, grad)
-        else:
-            self._projected_update(slot, grad, lay, "keep")
+    def _update(self, ctx: StepContext, slots: Sequence[Slot], grads: Sequence[torch.Tensor]) -> None:
+        layouts = ctx.plan.layouts
+        dense = [k for k, s in enumerate(slots) if layouts[s.index] is None]
+        projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None]
+        if dense:
+            adamw_slots_(
+                self.state, [slots[k] for k in dense], [grads[k] for k in dense], torch.float32, update=galore_adamw_
+            )
+        if projected:
+            self._subspace.update(
+                ctx.plan, [slots[k] for k in projected], [grads[k] for k in projected], moment_transform="keep",
+                adam_scalars=self._adam_scalars,
+            )  # fmt: skip
 
     def _adam_scalars(self, group: dict, step: int) -> tuple[float, float]:
         # galore-torch: N = sqrt(bc2)/bc1 M / (sqrt(V) + eps) = (M/bc1) / (sqrt(V)/sqrt(bc2) + eps/sqrt(bc2)),
@@ -213,27 +213,3 @@ class GaLoreAdamW(LowRankMixin, SeededOptimizer):
         eps = float(group["eps"]) / math.sqrt(1.0 - float(beta2) ** step)
         decay = 1.0 - lr * wd if wd > 0.0 else 1.0
         return eps, float(group["scale"]) * decay
-
-    def _dense_update(self, slot: Slot, grad: torch.Tensor) -> None:
-        """galore-torch's update of a parameter outside the subspace (transformers' old AdamW)."""
-        param, group = slot.param, slot.group
-        state = self.state[param]
-        if "step" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
-        state["step"] += 1
-        beta1, beta2 = (float(b) for b in group["betas"])
-        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        work = param if param.dtype == torch.float32 else param.float()
-        g = grad if grad.dtype == torch.float32 else grad.float()
-        exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(eps)
-        step_size = lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        work.add_(exp_avg / denom, alpha=-step_size)
-        if wd > 0.0:
-            work.add_(work, alpha=-lr * wd)
-        if work is not param:
-            param.copy_(work)

@@ -16,28 +16,22 @@ import torch
 import lorenza_kernels as lk
 
 from . import _checks
-from ._base import SeededOptimizer, Slot
-from ._noise import iter_runs, seeded_axpby_streams_
+from ._base import SeededOptimizer
+from ._noise import Slot, seeded_axpby_slots_
 from ._seeds import INIT_STEP, probe_seed
 
 __all__ = ["Loren"]
 
 
-def _dims(p: torch.Tensor) -> tuple[int, int]:
-    """``(m, n)`` of the matrix view: ``shape[0] x rest``; a 1-D (or 0-D) tensor is ``1 x numel``."""
-    if p.dim() >= 2:
-        return p.shape[0], math.prod(p.shape[1:])
-    return 1, p.numel()
-
-
 class Loren(SeededOptimizer):
-    r"""LOREN, ``algorithms.md`` "LOREN", with its **choice**.
+    r"""LOREN, ``docs/algorithms.md`` "LOREN", with its **choice**.
 
     Per tensor ``X`` (``m x n`` view) the state is ``a`` (length ``n``, float32) and, for tensors of
     two or more dimensions, a heavy-ball buffer ``momentum_buffer`` (``state_dtype``). With
     ``s = m ||a||^2``, ``D = sqrt(damping + s)``, ``c = (sqrt(damping) + D) / (s D)`` and
     ``S(a) u = u - c <a_bar, u> a_bar``, per step ``t`` and query ``k < K`` (``K = num_queries``,
-    ``u_k`` from ``(probe_seed(seed, t, k), stream of the parameter)``):
+    ``u_k`` from ``(probe_seed(seed, t, k), stream of the parameter)``; every application below is
+    one kernel call over all parameters):
 
     1. ``f_k = L(X + mu S(a) u_k)`` (perturb, evaluate under ``torch.no_grad()``, restore; the
        ``K`` losses are averaged over ranks in one all-reduce);
@@ -103,7 +97,7 @@ class Loren(SeededOptimizer):
     def _init_state(self, slot: Slot) -> dict:
         state = self.state[slot.param]
         if "a" not in state:
-            n = _dims(slot.param)[1]
+            n = lk.matrix_dims(slot.param)[1]
             state["a"] = lk.gaussian(n, probe_seed(self.seed, INIT_STEP, 0), slot.stream, device=slot.param.device)
             if slot.param.dim() >= 2:
                 state["momentum_buffer"] = torch.zeros_like(
@@ -112,16 +106,11 @@ class Loren(SeededOptimizer):
         return state
 
     @staticmethod
-    def _stats(slots: Sequence[Slot], seed: int, rows: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``p_k`` (0-d tensors) and column sums of ``u`` for every slot, one kernel call per run."""
-        params = [s.param for s in slots]
-        ps, cols = [], []
-        for start, stop in iter_runs(params, [s.stream for s in slots]):
-            ts = [t.detach() if t.is_contiguous() else t.detach().contiguous() for t in params[start:stop]]
-            p, c = lk.seeded_loren_stats(ts, seed, list(rows[start:stop]), first_stream=slots[start].stream)
-            ps.extend(p.unbind(0))
-            cols.extend(c)
-        return ps, cols
+    def _stats(slots: Sequence[Slot], seed: int, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``p_k`` and the column sums of ``u`` for every slot: one kernel call (shapes only are read)."""
+        if not slots:
+            return torch.zeros(0), []
+        return lk.seeded_loren_stats([s.param.detach() for s in slots], seed, rows, streams=[s.stream for s in slots])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
@@ -135,8 +124,8 @@ class Loren(SeededOptimizer):
         stats = [self._stats(slots, seed, rows) for seed in seeds]
         n = len(slots)
         # One host synchronisation for every scalar the kernel calls need: ||a||^2 and p_k.
-        scalars = torch.stack([r.square().sum() for r in rows] + [p for ps, _ in stats for p in ps]).tolist() if n else []
-        m = [_dims(s.param)[0] for s in slots]
+        scalars = torch.cat([torch.stack([r.square().sum() for r in rows])] + [ps.to(rows[0].device) for ps, _ in stats]).tolist() if n else []
+        m = [lk.matrix_dims(s.param)[0] for s in slots]
         s_ = [mi * a2 for mi, a2 in zip(m, scalars[:n])]
         damping = [float(s.group["damping"]) for s in slots]
         D = [math.sqrt(lam + si) for lam, si in zip(damping, s_)]
@@ -148,7 +137,7 @@ class Loren(SeededOptimizer):
             """``x <- beta x + coef S(a) u_k`` for the slots ``subset`` (on their params, or ``on``)."""
             gamma = [-cf * c[i] * p[k][i] for cf, i in zip(coef, subset)]
             tensors = [slots[i].param for i in subset] if on is None else [on[i] for i in subset]
-            seeded_axpby_streams_(
+            seeded_axpby_slots_(
                 tensors, [slots[i].stream for i in subset], seeds[k], coef, beta,
                 row_vectors=[rows[i] for i in subset], gamma=gamma,
             )  # fmt: skip
@@ -195,17 +184,24 @@ class Loren(SeededOptimizer):
             for k in range(K):
                 beta = [float(slots[i].group["momentum"]) for i in matrices] if k == 0 else 1.0
                 apply(matrices, k, [w[k][i] for i in matrices], beta, on=bufs)
+            by_lr: dict[float, list[int]] = {}
             for i in matrices:
-                slots[i].param.add_(bufs[i], alpha=-lrs[i])
+                by_lr.setdefault(lrs[i], []).append(i)
+            for lr, members in by_lr.items():  # one call per learning rate, no temporary
+                torch._foreach_add_([slots[i].param for i in members], [bufs[i] for i in members], alpha=-lr)
 
-        # Covariance: a <- a - lr_cov g_a, with the a, c, p_k of this step.
-        for i, st in enumerate(states):
-            mu, lr_cov = mus[i], float(slots[i].group["lr_cov"])
-            if lr_cov == 0.0 or s_[i] == 0.0:
-                continue
-            a = st["a"]
-            coef = [d[k] / (K - 1) * mu * mu / D[i] for k in range(K)]
-            cols = sum(coef[k] * p[k][i] * stats[k][1][i] for k in range(K))
-            scale = sum(coef[k] * (1.0 + c[i] * (p[k][i] ** 2 - s_[i])) for k in range(K)) * m[i]
-            a.sub_(lr_cov * (cols - scale * a))
+        # Covariance: a <- a - lr_cov g_a = a (1 + lr_cov scale) - lr_cov cols, with this step's a, c, p_k.
+        live = [i for i in everyone if float(slots[i].group["lr_cov"]) != 0.0 and s_[i] != 0.0]
+        if live:
+            lr_cov = [float(slots[i].group["lr_cov"]) for i in live]
+            coef = [[d[k] / (K - 1) * mus[i] * mus[i] / D[i] for k in range(K)] for i in live]
+            cols = torch._foreach_mul([stats[0][1][i] for i in live], [cf[0] * p[0][i] for cf, i in zip(coef, live)])
+            for k in range(1, K):
+                term = torch._foreach_mul([stats[k][1][i] for i in live], [cf[k] * p[k][i] for cf, i in zip(coef, live)])
+                torch._foreach_add_(cols, term)
+            scale = [sum(cf[k] * (1.0 + c[i] * (p[k][i] ** 2 - s_[i])) for k in range(K)) * m[i] for cf, i in zip(coef, live)]
+            a_list = [states[i]["a"] for i in live]
+            torch._foreach_mul_(a_list, [1.0 + lc * sc for lc, sc in zip(lr_cov, scale)])
+            torch._foreach_mul_(cols, [-lc for lc in lr_cov])
+            torch._foreach_add_(a_list, cols)
         return mean_loss

@@ -14,27 +14,28 @@ import torch
 import lorenza_kernels as lk
 
 from . import _checks
-from ._base import Slot
-from ._lowrank import LOWRANK_GROUP_CHECKS, MOMENT_TRANSFORMS, LowRankMixin, check_choice, check_svd
-from ._noise import per_slot
-from ._subspace import matrix_dims, side_for
+from ._adam import adamw_slots_
+from ._base import StepContext
+from ._noise import Slot
+from ._subspace import LOWRANK_GROUP_CHECKS, MOMENT_TRANSFORMS, SVDS, Subspace, SubspaceNoise
 from .adazo_sam import AdaZoSAM
 
 __all__ = ["Lorenza", "LorenzaPlus"]
 
 
-class Lorenza(LowRankMixin, AdaZoSAM):
-    r"""LORENZA, ``algorithms.md`` "LORENZA (the low-rank, memory-efficient AdaZo-SAM)".
+class Lorenza(AdaZoSAM):
+    r"""LORENZA, ``docs/algorithms.md`` "LORENZA".
 
-    Projected parameters (see :mod:`._lowrank`: 2+ dimensions viewed as ``m x n`` with
+    Projected parameters (see :mod:`._subspace`: 2+ dimensions viewed as ``m x n`` with
     ``rank < min(m, n)``) keep a basis ``Q`` (``n x r`` when ``m >= n``, else ``m x r``) and Adam
     moments of ``R``'s shape; every other parameter is AdaZo-SAM's (dense probe, dense AdamW).
     Per step ``t``:
 
     1. probes ``j < num_probes``: ``U_j = gaussian(R.shape, probe_seed(seed, t, j), stream)``,
        ``P_j = Q U_j`` (left) or ``U_j Q^T`` (right), applied in place by ``W.addmm_`` (never an
-       ``m x n`` temporary); ``||P_j|| = ||U_j||`` is the norm of the ascent normalisation. Dense
-       parameters use ``z_j`` exactly as :class:`AdaZoSAM`;
+       ``m x n`` temporary; all ``U_j`` of one application from one kernel call);
+       ``||P_j|| = ||U_j||`` is the norm of the ascent normalisation. Dense parameters use ``z_j``
+       exactly as :class:`AdaZoSAM`;
     2. ``eps = rho G / ||G||`` over all parameters, gradient at ``theta + eps``, ``theta -= eps``
        (:class:`AdaZoSAM` steps 1-3, its **choice** for ``q > 1``);
     3. a projected parameter whose ``updates % update_interval == 0`` gets a new basis from this
@@ -44,9 +45,10 @@ class Lorenza(LowRankMixin, AdaZoSAM):
        ``M <- O M``, ``V <- (O*O) V`` with ``O = Q_new^T Q_old``; "keep"; "reset": zeroed and the
        bias correction restarted);
     4. ``W <- W (1 - lr wd) - lr scale lift(N) - lr residual_scale (G - lift(R))`` with ``N`` the
-       torch.optim.AdamW direction of ``R = Q^T G`` / ``G Q`` (``lorenza_kernels.projected_adam_step_``).
+       torch.optim.AdamW direction of ``R = Q^T G`` / ``G Q``: one
+       ``lorenza_kernels.projected_adam_step_batched_`` call per bucket of same-shape matrices.
 
-    **choice** (algorithms.md): step 1 has no subspace yet; it takes its gradient at ``theta`` (no
+    **choice** (``docs/algorithms.md``): step 1 has no subspace yet; it takes its gradient at ``theta`` (no
     probes, no ascent) and builds the bases from it. A projected parameter that has no basis at a
     later step (added with ``add_param_group``, unfrozen, or without a gradient so far) is not
     probed at that step (its share of the probe and of ``eps`` is zero) and gets its basis from
@@ -61,7 +63,7 @@ class Lorenza(LowRankMixin, AdaZoSAM):
     (a float32 product would need an ``m x n`` temporary); the update itself is float32 and
     rounded once. The state is float32 whatever the parameters' dtype.
 
-    Memory (algorithms.md table): ``Q + 2 r max(m, n)`` per projected matrix, AdamW's for the
+    Memory (``docs/algorithms.md``'s table): ``Q + 2 r max(m, n)`` per projected matrix, AdamW's for the
     rest; per step one ``R``-shaped noise tensor at a time. ``per_layer``, DDP, skips, schedulers
     and ``state_dict`` behave as in :class:`AdaZoSAM`.
     """
@@ -91,7 +93,7 @@ class Lorenza(LowRankMixin, AdaZoSAM):
         seed: int = 0,
         per_layer: bool = False,
     ) -> None:
-        check_choice("moment_transform", moment_transform, MOMENT_TRANSFORMS)
+        _checks.choice("moment_transform", moment_transform, MOMENT_TRANSFORMS)
         for key, value in (("oversample", oversample), ("power_iters", power_iters)):
             _checks.int_at_least(key, value, 0)
         _checks.int_at_least("num_probes", num_probes, 1)
@@ -101,94 +103,51 @@ class Lorenza(LowRankMixin, AdaZoSAM):
         )  # fmt: skip
         for key, value in defaults.items():
             self.group_checks[key](key, value)
-        check_svd("svd", svd)
+        _checks.choice("svd", svd, SVDS)
         options = {"num_probes": num_probes, "oversample": oversample, "power_iters": power_iters}
         # AdaZoSAM.__init__ would drop the low-rank keys: go straight to SeededOptimizer's.
         super(AdaZoSAM, self).__init__(params, defaults, seed=seed, per_layer=per_layer, options=options)
         self._global.update(moment_transform=moment_transform, svd=svd)
+        self._subspace = Subspace(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         glob = state_dict.get("lorenza") if isinstance(state_dict, dict) else None
         if isinstance(glob, dict):
-            check_choice("state_dict['lorenza']['moment_transform']", glob.get("moment_transform"), MOMENT_TRANSFORMS)
-            check_svd("state_dict['lorenza']['svd']", glob.get("svd"))
+            _checks.choice("state_dict['lorenza']['moment_transform']", glob.get("moment_transform"), MOMENT_TRANSFORMS)
+            _checks.choice("state_dict['lorenza']['svd']", glob.get("svd"), SVDS)
         super().load_state_dict(state_dict)
 
-    # --- the step -----------------------------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._subspace = Subspace(self)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
-        closure = self._require_closure(closure)
-        self._plan_step(self._slots(), self._global["step"] + 1)
-        try:
-            return super().step(closure)
-        finally:
-            self._step_plan = None
+    def state_bytes(self) -> int:
+        """Bytes of every tensor of the optimizer's state (the memory table's "optimizer state")."""
+        return self._subspace.state_bytes()
 
-    def _wants_ascent(self, step: int, slots: Sequence[Slot]) -> bool:
-        # algorithms.md's choice: step 1 has no subspace yet; it takes its gradient at theta.
-        return step > 1 and super()._wants_ascent(step, slots)
+    # --- hooks ----------------------------------------------------------------------------------
 
-    def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
-        lay = self._step_plan.layouts[slot.index]
-        if lay is None:
-            super()._update_param(slot, grad)
-        else:
-            self._projected_update(slot, grad, lay, self._global["moment_transform"])
+    def _context(self, step: int) -> StepContext:
+        slots = self._slots()
+        plan = self._subspace.plan(slots, step)
+        return StepContext(step, slots, SubspaceNoise(self._subspace, plan), plan)
 
-    # --- probes in the subspace ---------------------------------------------------------------
+    def _wants_ascent(self, ctx: StepContext) -> bool:
+        # The documented choice: step 1 has no subspace yet; it takes its gradient at theta.
+        return ctx.step > 1 and super()._wants_ascent(ctx)
 
-    def _apply_noise_(
-        self,
-        slots: Sequence[Slot],
-        seed: int,
-        alpha: float | Sequence[float],
-        beta: float | Sequence[float] = 1.0,
-        *,
-        row_vectors: Sequence[torch.Tensor] | None = None,
-        gamma: float | Sequence[float] | None = None,
-    ) -> torch.Tensor:
-        """Dense slots: ``p <- beta p + alpha z`` (the base's kernel). Slots with a basis:
-        ``W <- beta W + alpha Q U`` (left) or ``alpha U Q^T`` (right), ``U`` of ``R``'s shape from
-        ``(seed, stream)``, by ``addmm_`` in place. Returns ``||z||^2`` or ``||U||^2`` per slot."""
-        if row_vectors is not None or gamma is not None:
-            raise NotImplementedError("Lorenza probes take no row vectors")
-        n = len(slots)
-        alphas, betas = per_slot(alpha, n, "alpha"), per_slot(beta, n, "beta")
-        layouts = self._step_plan.layouts
+    def _update(self, ctx: StepContext, slots: Sequence[Slot], grads: Sequence[torch.Tensor]) -> None:
+        layouts = ctx.plan.layouts
         dense = [k for k, s in enumerate(slots) if layouts[s.index] is None]
-        # A projected parameter without a basis yet (added or unfrozen after step 1) is not probed.
-        projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None and "proj" in self.state[s.param]]
-        device = slots[0].param.device if n else torch.device("cpu")
-        out = torch.zeros(n, dtype=torch.float32, device=device)
+        projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None]
         if dense:
-            sq = super()._apply_noise_(
-                [slots[k] for k in dense], seed, [alphas[k] for k in dense], [betas[k] for k in dense]
-            )
-            out[dense] = sq.to(device)
-        for k in projected:
-            out[k] = self._apply_subspace_noise_(slots[k], seed, alphas[k], betas[k]).to(device)
-        return out
-
-    def _apply_subspace_noise_(self, slot: Slot, seed: int, alpha: float, beta: float) -> torch.Tensor:
-        Q = self.state[slot.param]["proj"]
-        param = slot.param.detach()
-        m, n = matrix_dims(param)
-        right = side_for(m, n) == "right"
-        shape = (m, Q.shape[1]) if right else (Q.shape[1], n)
-        U = lk.gaussian(shape, seed, slot.stream, device=param.device)
-        norm_sq = U.square().sum()
-        work = param if param.is_contiguous() else param.contiguous()
-        W = work.view(m, n)
-        if W.dtype != U.dtype:
-            U, Q = U.to(W.dtype), Q.to(W.dtype)
-        if right:
-            W.addmm_(U, Q.t(), beta=beta, alpha=alpha)
-        else:
-            W.addmm_(Q, U, beta=beta, alpha=alpha)
-        if work is not param:
-            param.copy_(work)
-        return norm_sq
+            adamw_slots_(self.state, [slots[k] for k in dense], [grads[k] for k in dense], self.state_dtype)
+        if projected:
+            self._subspace.update(
+                ctx.plan, [slots[k] for k in projected], [grads[k] for k in projected],
+                moment_transform=self._global["moment_transform"],
+                adam_scalars=lambda group, step: (float(group["eps"]), float(group["scale"])),
+            )  # fmt: skip
 
 
 class LorenzaPlus(Lorenza):

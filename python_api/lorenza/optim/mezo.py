@@ -4,7 +4,8 @@ Reference implementation of the paper: https://github.com/princeton-nlp/MeZO (``
 ``zo_perturb_parameters``, ``zo_step``, ``zo_update``), which regenerates ``z`` from
 ``torch.manual_seed`` per tensor and takes four passes per step. Here ``z`` comes from the
 lorenza-philox-v1 stream through ``lorenza_kernels.seeded_axpby_`` and the restore and the update
-are one pass (``algorithms.md``, MeZO step 4).
+are one pass (``docs/algorithms.md``, "MeZO"). Every pass is one multi-tensor call over all
+parameters.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 import torch
 
 from . import _checks
-from ._adam import adamw_group_update_
-from ._base import SeededOptimizer, Slot
-from ._noise import seeded_axpby_streams_
+from ._adam import adamw_slots_
+from ._base import SeededOptimizer
+from ._functional import buckets
+from ._noise import Slot, seeded_axpby_slots_
 from ._seeds import probe_seed
 
 __all__ = ["MeZO", "MeZOAdam"]
@@ -30,17 +32,16 @@ class _TwoSidedZO(SeededOptimizer):
 
     def _probe_step(self, closure: Callable[[], Any] | None):
         closure = self._require_closure(closure)
-        t = self._global["step"] + 1
-        slots = self._slots()
+        ctx = self._context(self._global["step"] + 1)
         q = self._global["num_probes"]
-        seeds = [probe_seed(self.seed, t, j) for j in range(q)]
-        mus = [float(s.group["mu"]) for s in slots]
-        losses, _, ok = self._two_sided_probes(closure, slots, seeds, mus)
-        self._global["step"] = t
+        seeds = [probe_seed(self.seed, ctx.step, j) for j in range(q)]
+        mus = [float(s.group["mu"]) for s in ctx.slots]
+        losses, _, ok = self._two_sided_probes(ctx, closure, seeds, mus)
+        self._global["step"] = ctx.step
         # g[j][i]: the projected gradient of probe j, per slot (a group's mu scales its directions).
         g = [[(losses[2 * j] - losses[2 * j + 1]) / (2.0 * mu) for mu in mus] for j in range(q)]
         loss = torch.tensor(sum(losses) / len(losses))
-        return slots, seeds, mus, g, loss, ok
+        return ctx, seeds, mus, g, loss, ok
 
 
 class MeZO(_TwoSidedZO):
@@ -81,29 +82,30 @@ class MeZO(_TwoSidedZO):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
-        slots, seeds, mus, g, loss, ok = self._probe_step(closure)
+        ctx, seeds, mus, g, loss, ok = self._probe_step(closure)
         if not ok:
             return loss
-        q = len(seeds)
+        slots, q = ctx.slots, len(seeds)
         lrs = [float(s.group["lr"]) for s in slots]
         decay = [1.0 - lr * float(s.group["weight_decay"]) for lr, s in zip(lrs, slots)]
         last = q - 1
         # theta is at theta0 - mu z_last: restore and update in one pass.
         alpha = [b * mu - lr * gi / q for b, mu, lr, gi in zip(decay, mus, lrs, g[last])]
-        self._apply_noise_(slots, seeds[last], alpha, decay)
+        ctx.noise.apply_(slots, seeds[last], alpha, decay)
         for j in range(last):
-            self._apply_noise_(slots, seeds[j], [-lr * gi / q for lr, gi in zip(lrs, g[j])])
+            ctx.noise.apply_(slots, seeds[j], [-lr * gi / q for lr, gi in zip(lrs, g[j])])
         return loss
 
 
 class MeZOAdam(_TwoSidedZO):
     r"""MeZO-Adam: the zeroth-order gradient estimate ``(1/q) sum_j g_j z_j`` fed to AdamW.
 
-    ``g_j`` as in :class:`MeZO`. The estimate is regenerated per parameter into one temporary of
-    that parameter's size (float32), then the AdamW update of ``torch.optim.AdamW`` is applied
-    (``_adam.adamw_update_``). State: ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` in
-    ``state_dtype`` (float32 by default): two parameter-sized buffers, the memory table's
-    "2 x params". Exists as a baseline (``algorithms.md``).
+    ``g_j`` as in :class:`MeZO`. The estimate is regenerated into float32 temporaries, a bucket of
+    parameters at a time (``_functional.BUCKET_NUMEL`` elements: one bucket for models up to 67M
+    parameters), with one ``seeded_axpby_`` call per probe and bucket, then the AdamW update of
+    ``torch.optim.AdamW`` is applied to the bucket (``_functional.adamw_``). State: ``step`` (int),
+    ``exp_avg`` and ``exp_avg_sq`` in ``state_dtype`` (float32 by default): two parameter-sized
+    buffers, the memory table's "2 x params". Exists as a baseline (``docs/algorithms.md``).
     """
 
     group_checks = {
@@ -131,23 +133,22 @@ class MeZOAdam(_TwoSidedZO):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
-        slots, seeds, mus, g, loss, ok = self._probe_step(closure)
+        ctx, seeds, mus, g, loss, ok = self._probe_step(closure)
         if not ok:
             return loss
-        self._apply_noise_(slots, seeds[-1], mus)  # back from theta - mu z_last
-        q = len(seeds)
-        for slot in slots:
-            grad = self._estimate(slot, seeds, [g[j][slot.index] / q for j in range(q)])
-            self._update_param(slot, grad)
+        slots, q = ctx.slots, len(seeds)
+        ctx.noise.apply_(slots, seeds[-1], mus)  # back from theta - mu z_last
+        for idx in buckets(len(slots), [s.param.numel() for s in slots]):
+            part = [slots[i] for i in idx]
+            grads = self._estimate(part, seeds, [[g[j][s.index] / q for s in part] for j in range(q)])
+            adamw_slots_(self.state, part, grads, self.state_dtype)
         return loss
 
     @staticmethod
-    def _estimate(slot: Slot, seeds: Sequence[int], coefs: Sequence[float]) -> torch.Tensor:
-        """``sum_j coefs[j] z_j`` for one parameter, float32."""
-        buf = torch.empty(slot.param.shape, dtype=torch.float32, device=slot.param.device)
-        for j, (seed, c) in enumerate(zip(seeds, coefs)):
-            seeded_axpby_streams_([buf], [slot.stream], seed, c, 0.0 if j == 0 else 1.0)
-        return buf
-
-    def _update_param(self, slot: Slot, grad: torch.Tensor) -> None:
-        adamw_group_update_(slot.param, grad, self.state[slot.param], slot.group, self.state_dtype)
+    def _estimate(slots: Sequence[Slot], seeds: Sequence[int], coefs: Sequence[Sequence[float]]) -> list[torch.Tensor]:
+        """``sum_j coefs[j][i] z_j`` for every slot ``i``, float32: one kernel call per probe."""
+        bufs = [torch.empty(s.param.shape, dtype=torch.float32, device=s.param.device) for s in slots]
+        streams = [s.stream for s in slots]
+        for j, seed in enumerate(seeds):
+            seeded_axpby_slots_(bufs, streams, seed, coefs[j], 0.0 if j == 0 else 1.0)
+        return bufs

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import _checks
+from ._backward import all_finite
 from .closure import as_loss, is_finite
 
 __all__ = ["SAM"]
@@ -98,13 +99,18 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _grad_norm(self) -> torch.Tensor:
-        pairs = self._params_with_grad()
-        device = pairs[0][0].device
-        norms = [
-            torch.linalg.vector_norm((p.abs() * p.grad if group["adaptive"] else p.grad), dtype=torch.float32).to(device)
-            for p, group in pairs
-        ]
-        return torch.linalg.vector_norm(torch.stack(norms))
+        """``||g||`` (``|| |p| g ||`` for adaptive groups) over every parameter, accumulated in float32."""
+        norms = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["adaptive"]:
+                grads = torch._foreach_mul(torch._foreach_abs(params), grads)
+            norms += torch._foreach_norm(grads, 2, dtype=torch.float32)
+        device = self._params_with_grad()[0][0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -118,23 +124,35 @@ class SAM(torch.optim.Optimizer):
             self._skip("non-finite gradient in the first backward pass")
         else:
             for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if not params:
+                    continue
                 scale = group["rho"] / (grad_norm + 1e-12)
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
+                for p in params:
                     self.state[p]["old_p"] = p.detach().clone()
-                    e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
-                    p.add_(e_w)
+                grads = [p.grad for p in params]
+                if group["adaptive"]:
+                    grads = torch._foreach_mul(torch._foreach_pow(params, 2), grads)
+                by_dtype: dict[torch.dtype, list[int]] = {}
+                for k, p in enumerate(params):
+                    by_dtype.setdefault(p.dtype, []).append(k)
+                for idx in by_dtype.values():  # e = g rho / ||g||, in the parameter's dtype
+                    e = torch._foreach_mul([grads[k] for k in idx], scale.to(params[idx[0]]))
+                    torch._foreach_add_([params[k] for k in idx], e)
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def _restore(self) -> None:
+        params, olds = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 old = self.state.get(p, {}).pop("old_p", None)
                 if old is not None:
-                    p.copy_(old)
+                    params.append(p)
+                    olds.append(old)
+        if params:
+            torch._foreach_copy_(params, olds)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -142,7 +160,7 @@ class SAM(torch.optim.Optimizer):
         self._restore()
         if self._skip_pending:
             self._skip_pending = False
-        elif not all(torch.isfinite(p.grad).all() for p, _ in self._params_with_grad()):
+        elif not all_finite([p.grad for p, _ in self._params_with_grad()]):
             self._skip("non-finite gradient in the second backward pass")
         else:
             self.base_optimizer.step()
