@@ -1,4 +1,4 @@
-"""Fused projected Adam (kernels.md section 2) against its baselines and the hardware limit.
+"""Fused projected Adam (docs/kernels.md section 2) against its baselines and the hardware limit.
 
 Providers, per (dtype, rank):
 - ``ours``: ``lorenza_kernels.projected_adam_step_`` (the ``cpu`` backend on the CPU, Triton on CUDA);

@@ -9,13 +9,13 @@ Providers (all return the top-r basis of the side GaLore projects on: right when
   ours[<backend>]    lorenza_kernels.randomized_range_list on the whole list (one batched call per
                      shape), forced to <backend> (triton:fused / triton:stored: the two Triton
                      sketches); `ours.svd` is lorenza_kernels.randomized_svd
-  gemm roof          the (2 + 2q) products with A alone (k = r + p columns): the bound of kernels.md
+  gemm roof          the (2 + 2q) products with A alone (k = r + p columns): the bound of docs/kernels.md
 
 Matrices: Llama-style per-layer weights' gradients, q/k/v/o (h x h), gate/up (f x h), down (h x f),
 synthetic with a power-law spectrum (sigma_i ~ 1/i: G1 diag(s) G2^T, Gaussian G1, G2).
 Metrics: ms per matrix, ms per whole-model refresh, "err over opt %" = 100 (e / e_opt - 1) with
 e = ||B - Q Q^T B||_F, e_opt = ||B - B_r||_F (B the matrix oriented to the side; the mean over the
-first two matrices of each shape, the first one with --quick), GFLOP/s of the kernels.md count.
+first two matrices of each shape, the first one with --quick), GFLOP/s of the docs/kernels.md count.
 Whole-model rows of torch.svd and lowrank.loop are derived (sum over the matrices of the measured
 per-shape time): GaLore's loop is exactly that sum; they say `derived`.
 
@@ -101,7 +101,7 @@ class Bench:
         self.report = common.Report("randomized_svd", self.dev)
 
     def flops(self, m: int, n: int) -> float:
-        return 2 * m * n * self.k * (2 + 2 * self.q)  # kernels.md: (2 + 2q) products with A
+        return 2 * m * n * self.k * (2 + 2 * self.q)  # docs/kernels.md: (2 + 2q) products with A
 
     def ours(self, backend: str, mats: list[torch.Tensor], sides: str):
         return lambda: _forced(backend, lambda: lk.randomized_range_list(mats, self.r, sides=sides, **self.kw))

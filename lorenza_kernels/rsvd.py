@@ -1,4 +1,4 @@
-"""Public batched randomized SVD (kernels.md section 3): the subspace selection of LORENZA/GaLore.
+"""Public batched randomized SVD (docs/kernels.md section 3): the subspace selection of LORENZA/GaLore.
 
 Halko, Martinsson, Tropp (2011), https://arxiv.org/abs/0909.4061, Algorithm 4.4 with q power
 iterations, every product re-orthonormalised by CholeskyQR2 (``reference/rsvd.py`` has the details

@@ -212,7 +212,7 @@ def test_accuracy_against_float64(isa, n):
         assert (z.double() - gaussian_flat(1001, seed, stream, compute_dtype=torch.float64)).abs().max() <= 1e-5
 
 
-KNOWN = {  # shared/docs/rng.md, float64 evaluation rounded to 7 decimals
+KNOWN = {  # docs/rng.md, float64 evaluation rounded to 7 decimals
     (0, 0): [0.9911375, -0.9246628, -0.6176091, -0.4820683, -0.1536382, 0.1808258, 0.8317351, 0.1974396],
     (1099511627783, 3): [-0.2224926, -0.3849995, -1.0488936, 0.5205431, -1.4329347, 0.6782839, 0.1174121, -1.0960013],
 }

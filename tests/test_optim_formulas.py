@@ -1,5 +1,5 @@
 """Each zeroth-order optimizer against an independent float64 implementation of its formula
-(algorithms.md), the noise materialised here with lorenza_kernels.gaussian and probe_seed."""
+(docs/algorithms.md), the noise materialised here with lorenza_kernels.gaussian and probe_seed."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_adazo_sam_matches_formula(q):
     for t in range(1, 5):
         opt.step(problem.closure(params))
         c, z = _zo_estimates(problem, theta, hps, t, q)
-        # algorithms.md choice: ||G||^2 = (1/q^2) sum_j c_j^2 ||z_j||^2 (per-tensor c, global sum).
+        # docs/algorithms.md choice: ||G||^2 = (1/q^2) sum_j c_j^2 ||z_j||^2 (per-tensor c, global sum).
         norm = math.sqrt(sum(c[j][s] ** 2 * float(z[j][s].square().sum()) for j in range(q) for s in range(4)) / q**2)
         eps = [rho * sum(c[j][s] * z[j][s] for j in range(q)) / q / norm for s in range(4)]
         if q == 1:  # no cross terms: ||eps|| = rho exactly

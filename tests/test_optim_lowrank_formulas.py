@@ -1,4 +1,4 @@
-"""Lorenza and Lorenza+ against an independent float64 implementation of algorithms.md's formula:
+"""Lorenza and Lorenza+ against an independent float64 implementation of docs/algorithms.md's formula:
 subspace probes P = Q U / U Q^T with U materialised from lorenza_kernels.gaussian and probe_seed,
 the rho-normalised ascent over all parameters, refreshes from the exact SVD of the step's gradient,
 every moment transform, the residual term, both sides, 1 and 3 probes."""
@@ -33,7 +33,7 @@ def _dims(shape):
 
 
 def _layout(shape, rank):
-    """(m, n, side, r) or None (dense), by algorithms.md's rule."""
+    """(m, n, side, r) or None (dense), by docs/algorithms.md's rule."""
     if len(shape) < 2 or rank >= min(_dims(shape)):
         return None
     m, n = _dims(shape)

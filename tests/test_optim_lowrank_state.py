@@ -1,5 +1,5 @@
 """Lorenza, Lorenza+, GaLoreAdamW: state dict round trip across a refresh, per-layer mode, skips,
-bf16 parameters, schedulers, bad input, and the optimizer state against algorithms.md's memory table."""
+bf16 parameters, schedulers, bad input, and the optimizer state against docs/algorithms.md's memory table."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ FACTORIES = {
     "lorenza_plus": lambda ps, seed: LorenzaPlus(ps, lr=1e-2, svd="exact", seed=seed, **LOW),
     "galore": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, weight_decay=0.1, seed=seed, **LOW),
     "galore_per_layer": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, seed=seed, per_layer=True, **LOW),
-    # lorenza_kernels' batched randomized SVD (kernels.md section 3): Lorenza's default
+    # lorenza_kernels' batched randomized SVD (docs/kernels.md section 3): Lorenza's default
     "lorenza_randomized": lambda ps, seed: Lorenza(ps, lr=1e-2, num_probes=2, seed=seed, **LOW),
     "galore_randomized": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, svd="randomized", seed=seed, **LOW),
 }
@@ -216,7 +216,7 @@ def test_lr_scheduler_drives_the_step():
 
 
 def test_state_bytes_match_the_memory_table():
-    """algorithms.md: Q + 2 r max(m, n) per projected matrix (float32), AdamW's 2 x params for the
+    """docs/algorithms.md: Q + 2 r max(m, n) per projected matrix (float32), AdamW's 2 x params for the
     rest; no state tensor of a projected matrix has m x n elements."""
     x, y = _data()
     for name in ("lorenza", "galore", "lorenza_per_layer"):

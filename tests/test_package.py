@@ -39,7 +39,7 @@ def _run(env_extra: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-EXPECTED = [-0.1650479, 2.6764474, -1.5598533, 0.7548958, 1.5844943, -0.6431312]  # rng.md, seed 1 stream 1
+EXPECTED = [-0.1650479, 2.6764474, -1.5598533, 0.7548958, 1.5844943, -0.6431312]  # docs/rng.md, seed 1 stream 1
 
 
 def test_imports_and_works_without_the_extension():

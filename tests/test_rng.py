@@ -1,4 +1,4 @@
-"""The lorenza-philox-v1 stream (shared/docs/rng.md) in every backend."""
+"""The lorenza-philox-v1 stream (docs/rng.md) in every backend."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ KNOWN = {
     (123456789, 0): [-0.8675240, 1.7846837, 0.4166728, 0.4518241, 1.1816259, 0.0326168, 0.6252942, 1.3828443],
 }
 
-ACCURACY = 1e-5  # rng.md: every backend within 1e-5 absolute of the float64 evaluation
+ACCURACY = 1e-5  # docs/rng.md: every backend within 1e-5 absolute of the float64 evaluation
 
 
 @pytest.mark.parametrize("counter,key,expected", KAT)

@@ -1,4 +1,4 @@
-"""Batched randomized SVD (kernels.md section 3): quality, determinism, batching, edge cases, ops.
+"""Batched randomized SVD (docs/kernels.md section 3): quality, determinism, batching, edge cases, ops.
 
 Inputs are fresh random matrices on every run (no fixed torch seed): every assertion must hold for
 any draw. Matrices with a prescribed spectrum are A = U diag(s) V^T with Haar-random U, V.
@@ -120,7 +120,7 @@ def test_sketch_is_the_seeded_stream():
     for b, s in enumerate(streams):
         with lk.use_backend("reference"):
             assert torch.equal(omega_t[b], lk.gaussian((k, n), seed, s))
-        # any backend's stream (the C++ one when built) agrees within rng.md's contract
+        # any backend's stream (the C++ one when built) agrees within docs/rng.md's contract
         torch.testing.assert_close(omega_t[b], lk.gaussian((k, n), seed, s), atol=1e-5, rtol=0)
 
 
@@ -352,7 +352,7 @@ def test_triton_sketch_matches_reference(case):
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("n", [64, 50], ids=["quad", "per-element"])
 def test_triton_in_kernel_omega_is_the_stream(n):
-    """With A = I the sketch is Omega itself: every element within rng.md's 1e-5 of the reference."""
+    """With A = I the sketch is Omega itself: every element within docs/rng.md's 1e-5 of the reference."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     triton_sketch = require_backend("rsvd_sketch", "triton", dev)
     streams, k, seed = [0, 2**32 - 1], 24, 2**63 + 99

@@ -64,7 +64,7 @@ def _i64(seed: int) -> int:
 
 
 def test_philox_known_answers(dev):
-    # Random123 kat_vectors, through tl.philox with the key passed as the 64-bit seed (rng.md).
+    # Random123 kat_vectors, through tl.philox with the key passed as the 64-bit seed (docs/rng.md).
     kat = [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),

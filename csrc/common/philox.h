@@ -1,4 +1,4 @@
-// lorenza-philox-v1 (shared/docs/rng.md): the integer part of the Gaussian stream, shared by the
+// lorenza-philox-v1 (docs/rng.md): the integer part of the Gaussian stream, shared by the
 // CPU (g++) and CUDA (nvcc) kernels. Header-only, no torch, no CUDA headers.
 //
 // Element i of stream (seed, stream) comes from block b = i >> 2, lane i & 3:

@@ -1,4 +1,4 @@
-// The lorenza-philox-v1 Gaussian stream (shared/docs/rng.md) on the CPU, a tile of 16 Philox
+// The lorenza-philox-v1 Gaussian stream (docs/rng.md) on the CPU, a tile of 16 Philox
 // blocks (64 consecutive elements) at a time, torch-free.
 //
 // Why the split between intrinsics and plain loops: Philox needs 32 x 32 -> 64-bit products.
@@ -194,7 +194,7 @@ LORENZA_CPU_INLINE uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
   return b ^ ((a ^ b) & (0u - static_cast<uint32_t>(c)));
 }
 
-// rng.md step 5; x >> 9 < 2^23 converts exactly through int32 (cheaper than uint32 on x86).
+// docs/rng.md step 5; x >> 9 < 2^23 converts exactly through int32 (cheaper than uint32 on x86).
 LORENZA_CPU_INLINE float uniform_of(uint32_t x) {
   return (static_cast<float>(static_cast<int32_t>(x >> 9)) + 0.5f) * 1.1920928955078125e-7f;
 }

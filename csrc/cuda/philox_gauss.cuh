@@ -1,4 +1,4 @@
-// lorenza-philox-v1 on the GPU (shared/docs/rng.md): Philox4x32-10 with a precomputed key
+// lorenza-philox-v1 on the GPU (docs/rng.md): Philox4x32-10 with a precomputed key
 // schedule, and Box-Muller through the special-function unit (MUFU) within the 1e-5 contract.
 //
 // Everything here is __host__ __device__: on the host the MUFU calls fall back to <cmath>, so the
@@ -33,7 +33,7 @@ inline PhiloxKeys philox_keys(uint64_t seed) {
   return ks;
 }
 
-// Philox4x32-10 of counter (c0, c1, c2, 0): the fourth counter word is always 0 in rng.md, which
+// Philox4x32-10 of counter (c0, c1, c2, 0): the fourth counter word is always 0 in docs/rng.md, which
 // saves the first round one XOR. Each 32x32 product is one IMAD.WIDE.U32 (hi and lo together).
 LORENZA_HD Philox4 philox_keyed(uint32_t c0, uint32_t c1, uint32_t c2, const PhiloxKeys& ks) {
   uint32_t c3 = 0u;
@@ -105,7 +105,7 @@ inline void fast_sincos(float x, float& s, float& c) {
 }
 #endif
 
-// Box-Muller on one pair of words (rng.md step 6): z_cos = r cos(2 pi u_b), z_sin = r sin(2 pi u_b),
+// Box-Muller on one pair of words (docs/rng.md step 6): z_cos = r cos(2 pi u_b), z_sin = r sin(2 pi u_b),
 // r = sqrt(-2 ln u_a). Error analysis against the float64 definition (documented bounds of the
 // intrinsics, CUDA C++ Programming Guide, "Intrinsic Functions":
 // https://docs.nvidia.com/cuda/cuda-c-programming-guide/#intrinsic-functions):

@@ -1,10 +1,10 @@
-// CUDA seeded perturbation ops (kernels.md section 1), one launch for a whole list of tensors:
+// CUDA seeded perturbation ops (docs/kernels.md section 1), one launch for a whole list of tensors:
 //
 //   seeded_axpby_:  t_k <- beta_k t_k + alpha_k z_k (+ gamma_k a_k[i % ncols_k]), in float32,
 //                   rounded once to t_k's dtype, plus sum(z_k^2) from the same pass;
 //   seeded_colsum:  column sums of z_k viewed as m_k x n_k, reading no tensor data,
 //
-// with z_k the lorenza-philox-v1 stream (seed, first_stream + k) (shared/docs/rng.md).
+// with z_k the lorenza-philox-v1 stream (seed, streams[k]) (docs/rng.md).
 //
 // Work split. seeded_axpby_ cuts each tensor into chunks of kChunkUnits 16-byte units (seeded_ops.h);
 // a persistent grid strides over the chunks of all tensors, and each CTA finds the tensor of its

@@ -1,4 +1,4 @@
-// CUDA seeded perturbation ops (kernels.md section 1): the per-tensor metadata tables and the
+// CUDA seeded perturbation ops (docs/kernels.md section 1): the per-tensor metadata tables and the
 // launchers. Plain C++ (no CUDA, no torch headers) so that the pybind11 bindings compile with g++.
 //
 // The Python side (lorenza_kernels/cuda/seeded_ops.py) builds one table per call, as a numpy
@@ -30,7 +30,7 @@ struct AxpbyRecord {
   int64_t ncols;         // n of the m x n view: element i is in column i % ncols (>= 1)
   int64_t chunk_begin;   // index of this tensor's first chunk in the launch (prefix sum)
   float alpha, beta, gamma;
-  uint32_t stream;       // first_stream + k
+  uint32_t stream;       // streams[k]: any stream per tensor
   int32_t dtype;         // DType code (common/dtype.h)
   int32_t read_t;        // 1 when beta_k != 0 (decided in float64): t_k is read
 };

@@ -2,7 +2,7 @@
 
 It needs no compiled extension (``cpu/__init__`` imports it unconditionally). The aim is the
 fewest passes over the m x n tensors that torch's BLAS allows and no m x n temporary the maths
-does not need (kernels.md section 2). Per layer:
+does not need (docs/kernels.md section 2). Per layer:
 
 1. ``R = Q^T G`` (or ``G Q``): one GEMM into a fresh r x n (m x r) float32 tensor, which the
    maths needs anyway.

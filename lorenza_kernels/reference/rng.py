@@ -1,6 +1,6 @@
 """The lorenza-philox-v1 Gaussian stream in plain torch ops (any device).
 
-This module *defines* the stream every backend must reproduce (see ``shared/docs/rng.md``):
+This module *defines* the stream every backend must reproduce (see ``docs/rng.md``):
 Philox4x32-10 on the counter ``(b mod 2^32, b >> 32, stream, 0)`` with the 64-bit seed as key,
 ``b = i >> 2`` the block of four consecutive elements, uniforms ``((x >> 9) + 0.5) * 2^-23`` and
 Box-Muller on the pairs ``(u0, u1)`` and ``(u2, u3)``.

@@ -1,4 +1,4 @@
-"""Reference batched randomized SVD (kernels.md section 3): the meaning every backend must match.
+"""Reference batched randomized SVD (docs/kernels.md section 3): the meaning every backend must match.
 
 Halko, Martinsson, Tropp, "Finding structure with randomness" (SIAM Review 2011),
 https://arxiv.org/abs/0909.4061, Algorithm 4.4 (randomized subspace iteration) + Algorithm 5.1:
@@ -9,7 +9,7 @@ for every member of a batch A (B, m, n), in float32, with the sketch width k = m
 B^T = A^T Q is orthonormalised too (:func:`factor`): the op ``randomized_range`` returns the basis
 of the side that was *not* sketched (the right one), which is half a power iteration more accurate.
 
-Sketch convention (lorenza-philox-v1, ``shared/docs/rng.md``): batch member b with stream s_b uses
+Sketch convention (lorenza-philox-v1, ``docs/rng.md``): batch member b with stream s_b uses
 ``Omega_b = gaussian((k, n), seed, s_b).T``, i.e. ``Omega_b[j, c] = z(seed, s_b, c * n + j)``.
 Column c of Omega is a contiguous run of the stream, so a wider sketch only appends columns: the
 first k columns never depend on the oversampling.

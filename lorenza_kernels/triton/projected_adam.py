@@ -1,4 +1,4 @@
-"""Triton projected Adam (kernels.md section 2): two GEMMs with fused epilogues, one launch each.
+"""Triton projected Adam (docs/kernels.md section 2): two GEMMs with fused epilogues, one launch each.
 
 Kernel 1, ``_projected_adam_step_down_kernel``: C = A B is the down-projection R (A = Q^T, B = G
 on side "left"; A = G, B = Q on side "right"); its epilogue runs Adam on the tile (M, V updated

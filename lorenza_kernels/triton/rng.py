@@ -1,4 +1,4 @@
-"""lorenza-philox-v1 (``shared/docs/rng.md``) in Triton: four normals per Philox block.
+"""lorenza-philox-v1 (``docs/rng.md``) in Triton: four normals per Philox block.
 
 Element ``i`` of stream ``(seed, stream)`` comes from Philox block ``b = i >> 2``, lane ``i & 3``:
 ``tl.philox`` on the counter ``(b mod 2^32, b >> 32, stream, 0)`` with the 64-bit seed as key (it

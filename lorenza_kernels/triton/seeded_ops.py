@@ -1,4 +1,4 @@
-"""Triton seeded perturbation ops (kernels.md section 1): multi-tensor, in place, one pass.
+"""Triton seeded perturbation ops (docs/kernels.md section 1): multi-tensor, in place, one pass.
 
 Launch layout. A whole list of tensors, of mixed dtypes, is one launch of ``_seeded_axpby_kernel``.
 The host writes one int64 table (``_tables.py``): a header (seed bits, K) and one row per tensor

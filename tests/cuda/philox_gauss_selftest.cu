@@ -1,7 +1,7 @@
 // Host self-test of csrc/cuda/philox_gauss.cuh, runnable without a GPU (tests/check_nvcc.sh runs
 // it): the keyed Philox against the reference rounds of common/philox.h and Random123's known
 // answer, and the host build of the Box-Muller algebra (exact uniforms, the log series near 1,
-// the shifted angle, the signs) against a float64 evaluation of rng.md and its known values.
+// the shifted angle, the signs) against a float64 evaluation of docs/rng.md and its known values.
 // On the host the MUFU approximations are replaced by <cmath>; built with -DLORENZA_MUFU_ERROR=1..4
 // they are pushed to their documented worst-case errors, which checks the error analysis too.
 #include <cmath>
@@ -25,7 +25,7 @@ static void expect(bool ok, const char* what) {
   }
 }
 
-// rng.md steps 5-6 in float64.
+// docs/rng.md steps 5-6 in float64.
 static void reference4(uint64_t seed, uint32_t stream, uint64_t block, double z[4]) {
   const Philox4 p = lorenza::philox_block(seed, stream, block);
   const double two_pi = 6.283185307179586476925286766559;
@@ -61,7 +61,7 @@ int main() {
       break;
     }
   }
-  // rng.md known values (7 decimals).
+  // docs/rng.md known values (7 decimals).
   struct Known {
     uint64_t seed;
     uint32_t stream;
@@ -80,7 +80,7 @@ int main() {
     float z[8];
     gaussian4(0, k.stream, ks, z);
     gaussian4(1, k.stream, ks, z + 4);
-    for (int i = 0; i < 8; ++i) expect(std::fabs(z[i] - k.z[i]) < 1e-5, "rng.md known values");
+    for (int i = 0; i < 8; ++i) expect(std::fabs(z[i] - k.z[i]) < 1e-5, "docs/rng.md known values");
   }
   // Every element against float64, several seeds and streams, including the extreme uniforms
   // (u -> 1 exercises the log series, u -> 0 the largest radius).

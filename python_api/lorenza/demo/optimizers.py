@@ -56,7 +56,7 @@ class Spec:
     name: str
     cls: str  # attribute of lorenza.optim
     lr: float
-    passes: tuple[int, int]  # nominal (forward, backward) passes per step: the table of algorithms.md
+    passes: tuple[int, int]  # nominal (forward, backward) passes per step: the table of docs/algorithms.md
     lowrank: bool = False
     kwargs: Callable[[Hyper], dict] = lambda hp: {}
     note: str = ""

@@ -1,6 +1,6 @@
 """The closure protocol in a plain PyTorch loop: one helper every trainer here uses.
 
-``algorithms.md``, "The closure protocol": ``optimizer.step(closure)`` where the closure evaluates
+``docs/algorithms.md``, "The closure protocol": ``optimizer.step(closure)`` where the closure evaluates
 the loss of the current minibatch and returns it, and calls ``backward`` when gradients are
 enabled. The optimizer calls it under ``torch.no_grad()`` for zeroth-order probes and with
 gradients enabled for its one backward pass; every call of one step must see the same minibatch.

@@ -5,7 +5,7 @@ An optimizer never stores noise. It keeps one user seed and a step counter; the 
 
     lorenza_kernels.gaussian(p.shape, probe_seed(seed, t, j), k)
 
-(``rng.md``: lorenza-philox-v1, stream ``k`` = the parameter's position in the optimizer's
+(``docs/rng.md``: lorenza-philox-v1, stream ``k`` = the parameter's position in the optimizer's
 parameter order, across groups). Anyone holding ``seed`` can therefore regenerate the noise of any
 step, on any device and any number of ranks.
 

@@ -34,6 +34,7 @@ import torch
 import lorenza_kernels as lk
 
 from . import _checks
+from ._functional import buckets
 from ._noise import Slot, seeded_axpby_slots_
 from ._seeds import RESERVED_PROBE_BASE, probe_seed
 
@@ -245,9 +246,11 @@ class SubspaceNoise:
     gets ``W <- beta W + alpha Q U`` (left) or ``alpha U Q^T`` (right), ``U`` of ``R``'s shape from
     ``(seed, stream)``; a projected slot without a basis yet is not probed (``||P||^2 = 0``).
 
-    All the ``U`` of one application come from one ``seeded_axpby_`` call (which also returns
-    ``||U||^2 = ||P||^2``); each product is an in-place ``addmm_`` (never an ``m x n`` temporary), in
-    the parameter's dtype: for bfloat16/float16 parameters ``Q`` and ``U`` are rounded to it.
+    The ``U`` of one application come from one ``seeded_axpby_`` call per bucket of matrices
+    (``_functional.BUCKET_NUMEL`` elements of ``U``: one bucket up to billions of parameters at
+    r = 128), which also returns ``||U||^2 = ||P||^2``; each product is an in-place ``addmm_``
+    (never an ``m x n`` temporary), in the parameter's dtype: for bfloat16/float16 parameters
+    ``Q`` and ``U`` are rounded to it.
     """
 
     def __init__(self, subspace: Subspace, plan: SubspacePlan):
@@ -270,15 +273,14 @@ class SubspaceNoise:
                 [alphas[k] for k in dense], [betas[k] for k in dense],
             )  # fmt: skip
             out[dense] = sq.to(device)
-        if projected:
-            state = self.subspace._owner().state
-            us = []
-            for k in projected:
-                lay = layouts[slots[k].index]
-                us.append(torch.empty(lay.moment_shape, dtype=torch.float32, device=slots[k].param.device))
-            sq = seeded_axpby_slots_(us, [slots[k].stream for k in projected], seed, 1.0, 0.0)
-            out[projected] = sq.to(device)
-            for k, U in zip(projected, us):
+        state = self.subspace._owner().state
+        shapes = [layouts[slots[k].index].moment_shape for k in projected]
+        for idx in buckets(len(projected), [a * b for a, b in shapes]):
+            part = [projected[i] for i in idx]
+            us = [torch.empty(shapes[i], dtype=torch.float32, device=slots[projected[i]].param.device) for i in idx]
+            sq = seeded_axpby_slots_(us, [slots[k].stream for k in part], seed, 1.0, 0.0)
+            out[part] = sq.to(device)
+            for k, U in zip(part, us):
                 self._apply_one(slots[k].param, state[slots[k].param]["proj"], U, layouts[slots[k].index], alphas[k], betas[k])
         return out
 

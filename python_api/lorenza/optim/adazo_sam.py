@@ -28,7 +28,7 @@ class AdaZoSAM(SeededOptimizer):
     1. for ``j < q`` (``q = num_probes``): ``c_j = (L(theta + mu z_j) - L(theta - mu z_j)) / (2 mu)``
        (closure under ``torch.no_grad()``; losses averaged over ranks in one all-reduce);
     2. ``G = (1/q) sum_j c_j z_j`` and ``eps = rho G / ||G||`` with the global norm over all the
-       optimizer's parameters. **choice** (algorithms.md) for ``q > 1``:
+       optimizer's parameters. **choice** (docs/algorithms.md) for ``q > 1``:
        ``||G||^2 = (1/q^2) sum_j c_j^2 ||z_j||^2``; the ``||z_j||^2`` come from the kernel pass that
        applies ``+mu z_j``. The restore of the last probe and ``+eps``'s last term are one pass;
     3. ``theta += eps``; the closure with grad enabled gives ``g = grad L(theta + eps)``;
@@ -57,7 +57,7 @@ class AdaZoSAM(SeededOptimizer):
     the parameters updated before the first non-finite gradient keep their update). Deviation:
     "parameters exactly as before" holds up to the rounding of adding and subtracting the
     regenerated noise (a few ulps); a bitwise restore would need a copy of the parameters, which
-    the memory table of algorithms.md does not allow.
+    the memory table of docs/algorithms.md does not allow.
 
     State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (``state_dtype``, float32 by
     default): AdamW's memory. Returns the loss of the backward pass (at ``theta + eps``).

@@ -1,4 +1,4 @@
-"""The closure protocol of ``algorithms.md`` and a helper that builds correct closures.
+"""The closure protocol of ``docs/algorithms.md`` and a helper that builds correct closures.
 
 ``optimizer.step(closure)``: the closure evaluates the loss of the current minibatch and returns
 it (a scalar); when gradients are enabled it also calls ``backward``. The optimizers call it under

@@ -71,7 +71,7 @@ class GaLoreAdamW(SeededOptimizer):
 
     ``step(closure=None)``: like any torch optimizer, after the user's ``loss.backward()``; with a
     closure, gradients are zeroed and the closure (which calls ``backward``) is run with grad
-    enabled (``algorithms.md``'s closure protocol), and its loss returned. ``per_layer=True``: each
+    enabled (``docs/algorithms.md``'s closure protocol), and its loss returned. ``per_layer=True``: each
     parameter is updated and its gradient freed in its post-accumulate-grad hook during the
     user's backward pass (at most one layer's gradient alive). The first hook of a backward opens
     the step (plans refreshes from the state), :meth:`step` closes it: call ``step()`` after every

@@ -58,7 +58,7 @@ class Loren(SeededOptimizer):
       ``a`` alike, which looks unintended.
 
     Smaller differences: the public code also applies ``weight_decay`` to ``a`` (here ``a`` gets
-    none, as in algorithms.md) and keeps ``a`` and ``M`` in the parameter's dtype (here float32 by
+    none, as in docs/algorithms.md) and keeps ``a`` and ``M`` in the parameter's dtype (here float32 by
     default). ``a`` is initialised ``N(0, I)`` from the project's stream:
     ``a = gaussian(n, probe_seed(seed, 0, 0), stream of the parameter)`` (step 0 is reserved for
     initialisation), instead of ``torch.randn``.

@@ -63,9 +63,10 @@ class Lorenza(AdaZoSAM):
     (a float32 product would need an ``m x n`` temporary); the update itself is float32 and
     rounded once. The state is float32 whatever the parameters' dtype.
 
-    Memory (``docs/algorithms.md``'s table): ``Q + 2 r max(m, n)`` per projected matrix, AdamW's for the
-    rest; per step one ``R``-shaped noise tensor at a time. ``per_layer``, DDP, skips, schedulers
-    and ``state_dict`` behave as in :class:`AdaZoSAM`.
+    Memory (``docs/algorithms.md``'s table): ``Q + 2 r max(m, n)`` per projected matrix, AdamW's for
+    the rest; during a probe application the ``R``-shaped noise of a bucket of matrices (at most
+    ``_functional.BUCKET_NUMEL`` numbers). ``per_layer``, DDP, skips, schedulers and ``state_dict``
+    behave as in :class:`AdaZoSAM`.
     """
 
     group_checks = {**AdaZoSAM.group_checks, **LOWRANK_GROUP_CHECKS, "residual_scale": _checks.non_negative}

@@ -45,7 +45,7 @@ class _TwoSidedZO(SeededOptimizer):
 
 
 class MeZO(_TwoSidedZO):
-    r"""MeZO (zeroth-order SGD with two-sided seeded probes), ``algorithms.md`` "MeZO".
+    r"""MeZO (zeroth-order SGD with two-sided seeded probes), ``docs/algorithms.md`` "MeZO".
 
     Per step ``t`` and probe ``j < q`` (``q = num_probes``), with ``z_j`` drawn from
     ``(probe_seed(seed, t, j), stream of the parameter)``:

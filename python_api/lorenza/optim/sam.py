@@ -35,7 +35,7 @@ __all__ = ["SAM"]
 
 
 class SAM(torch.optim.Optimizer):
-    r"""Sharpness-aware minimisation around any ``torch.optim`` optimizer, ``algorithms.md`` "SAM".
+    r"""Sharpness-aware minimisation around any ``torch.optim`` optimizer, ``docs/algorithms.md`` "SAM".
 
     ``e = rho g / (||g|| + 1e-12)`` (ASAM with ``adaptive=True``: ``e = rho |p|^2 g / (|| |p| g || + 1e-12)``)
     from a first forward/backward, the gradient at ``p + e`` from a second, restore, base step.
