@@ -17,14 +17,14 @@ LORENZA_KERNELS_CUDA ?= $(if $(NVCC),1,0)
 export LORENZA_KERNELS_CUDA
 PYTEST ?= $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: deps build test test-python test-triton check-cuda check-wheel demo bench clean
+.PHONY: deps build test lint test-python test-triton check-cuda check-wheel demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.deps: $(PY) pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q numpy pytest pybind11 ninja "setuptools>=64" wheel triton
+	$(PIP) install -q numpy pytest pybind11 ninja "setuptools>=64" wheel triton ruff
 	$(PIP) install -q $(OPTIONAL) || echo "make: optional packages ($(OPTIONAL)) not all installed; their tests skip"
 	touch $@
 
@@ -35,7 +35,11 @@ build: deps
 	$(PY) -c "import lorenza_kernels as lk; import pprint; pprint.pprint(lk.backend_info())"
 
 test: build
-	$(MAKE) --no-print-directory test-python test-triton check-cuda check-wheel
+	$(MAKE) --no-print-directory lint test-python test-triton check-cuda check-wheel
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-python:
 	$(PYTEST) tests

@@ -48,8 +48,10 @@ def _cuda_home() -> str | None:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates.append("/usr/local/cuda")
     for home in candidates:
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
-            os.path.join(home, "include", "cuda_runtime.h")
+        if (
+            home
+            and os.path.exists(os.path.join(home, "bin", "nvcc"))
+            and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
         ):
             return home
     return None

@@ -48,6 +48,7 @@ NS = "lorenza_kernels::"
 
 def per_call_us(fn, device, *, inner: int, samples: int) -> tuple[float, float, float]:
     """(median, p20, p80) microseconds per call: ``samples`` timings of ``inner`` calls each."""
+
     def batch():
         for _ in range(inner):
             fn()
@@ -273,9 +274,7 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
         closure = TimedClosure(model, tokens, device)
         adamw = _adamw_ms(model, closure, steps, device)
         a_med = statistics.median(adamw)
-        report.add(
-            f"{layers} layers", "AdamW(foreach).step", (a_med, *_q(adamw)), op_calls=0, lk_ms=0.0, x_adamw=1.0
-        )
+        report.add(f"{layers} layers", "AdamW(foreach).step", (a_med, *_q(adamw)), op_calls=0, lk_ms=0.0, x_adamw=1.0)
         for name in names:
             model.load_state_dict(base)
             # update_interval beyond the measured steps: the refresh at step 1 is excluded below.
@@ -287,9 +286,7 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
             calls, kernel_ms = _op_calls(opt, closure)
             ms = _optimizer_ms(opt, closure, steps, device)
             med = statistics.median(ms)
-            report.add(
-                f"{layers} layers", name, (med, *_q(ms)), op_calls=calls, lk_ms=kernel_ms, x_adamw=med / a_med
-            )
+            report.add(f"{layers} layers", name, (med, *_q(ms)), op_calls=calls, lk_ms=kernel_ms, x_adamw=med / a_med)
 
 
 def _q(xs: list[float]) -> tuple[float, float]:

@@ -1,8 +1,7 @@
 """One optimizer step, and its memory, of every optimizer on Llama-style models of growing size.
 
 For each model size (the demo's Llama-style model, byte vocabulary) and each optimizer of the
-demo's registry (``lorenza.demo.optimizers``; one missing from ``lorenza.optim`` is skipped with its
-reason), after two warm-up steps (the state exists; the second counts the passes):
+demo's registry (``lorenza.demo.optimizers``), after two warm-up steps (the state exists; the second counts the passes):
 
   median/p20/p80 ms   one full step: ``optimizer.step(closure)`` with every forward/backward pass
                       the optimizer asks for, on one fixed minibatch (bench/common.py ``measure``)
@@ -101,11 +100,7 @@ def main() -> None:
             base.load_state_dict(state0)
             for p_ in base.parameters():
                 p_.grad = None
-            try:
-                opt = optimizers.build(name, base, optimizers.Hyper(steps=1000))
-            except optimizers.OptimizerUnavailable as e:
-                print(f"skip {name}: {e}")
-                continue
+            opt = optimizers.build(name, base, optimizers.Hyper(steps=1000))
             counter = PassCounter()
 
             def step(opt=opt, counter=counter, model=base, batch=batch):

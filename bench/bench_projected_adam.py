@@ -121,7 +121,7 @@ def main() -> None:
                     TFLOPs=tflops, limit_frac=limit / s, extra_MB=extra_peak_bytes(fn, device) / 1e6,
                 )  # fmt: skip
             report.add(case, "gemm G@Q", (2e3 * m * n * r / rate,) * 3, TFLOPs=rate / 1e12)
-            del providers, w, g, q, ma, va
+            providers = w = g = q = ma = va = None  # free this case before the next
     report.finish(args.json)
 
 

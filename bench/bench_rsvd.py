@@ -192,8 +192,13 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--backends", default=None, help="comma list of backends for ours (default: every one here)")
     p.add_argument("--no-single", action="store_true", help="skip the single 2048 x 2048 case")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine: an "
-                   "OpenMP team whose cores are taken spin-waits, and LAPACK's SVD slows down 50x)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 on a shared machine: an "
+        "OpenMP team whose cores are taken spin-waits, and LAPACK's SVD slows down 50x)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -54,9 +54,11 @@ def main() -> None:
     rep = 5 if args.quick else 10
     report = common.Report("seeded_axpby_", device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    backends = args.backends.split(",") if args.backends else [
-        b for b in lk.available_backends("seeded_axpby_")["seeded_axpby_"].get(device, []) if b != "reference"
-    ]
+    backends = (
+        args.backends.split(",")
+        if args.backends
+        else [b for b in lk.available_backends("seeded_axpby_")["seeded_axpby_"].get(device, []) if b != "reference"]
+    )
     if args.with_reference:
         backends.append("reference")
     alpha, seed = 1e-3, 1234
@@ -91,12 +93,13 @@ def main() -> None:
 
         providers = [("mezo", mezo), ("mezo_inplace", mezo_inplace)]
         for be in backends:
+
             def ours(be=be):
                 with lk.use_backend(be):
                     lk.seeded_axpby_(params, seed, alpha)
 
             with lk.use_backend(be):
-                if _registry.select("seeded_axpby_", device)[0] != be:
+                if _registry.active("seeded_axpby_", torch.device(device).type) != be:
                     print(f"skip ours[{be}]: not available on {device}")
                     continue
             providers.append((f"ours[{be}]", ours))
@@ -121,7 +124,7 @@ def main() -> None:
                     "extra peak MB": common.extra_peak_bytes(fn, device, setup=fresh_params) / 2**20,
                 },
             )
-        del params
+        params = None  # free this case before the next
     report.finish(args.json)
 
 

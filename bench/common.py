@@ -211,7 +211,10 @@ class Report:
             with open(out, "w") as f:
                 json.dump(self.to_json(), f, indent=1)
         env = environment(self.device)
-        print(f"\n## {self.bench} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
+        print(
+            f"\n## {self.bench} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+            f"commit {env['commit']})"
+        )
         print(self.table())
 
 

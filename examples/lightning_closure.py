@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+
 from lorenza.demo import optimizers
 from lorenza.demo.model import LlamaLM, lm_loss, parse_size
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+
 from lorenza.demo import optimizers
 from lorenza.demo.model import LlamaLM, lm_loss, parse_size
 from lorenza.integrations import PassCounter, closure_step

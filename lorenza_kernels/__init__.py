@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import warnings
 
-from . import _ext, _ops, _registry, reference  # noqa: F401  (the schemas, then the reference)
-from . import cpu, cuda, triton  # noqa: F401  (each records its kernels where it can run)
+from . import _ext, _ops, _registry, cpu, cuda, reference, triton  # noqa: F401  (the schemas, then the reference)  # noqa: F401  (each records its kernels where it can run)
 from ._registry import available as available_backends
 from ._registry import use_backend
 from ._shapes import MODES, SIDES, matrix_dims, projection_side
@@ -64,8 +63,7 @@ def backend_info() -> dict:
 
 if _ext._C is None:
     warnings.warn(
-        f"lorenza_kernels: compiled extension unavailable ({_ext.error}); every op runs the "
-        "pure-PyTorch reference",
+        f"lorenza_kernels: compiled extension unavailable ({_ext.error}); every op runs the pure-PyTorch reference",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -130,7 +130,9 @@ def check_disjoint(tensors: Sequence[torch.Tensor], label: Callable[[int], str])
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:
             a, b = sorted((a, b))
-            raise ValueError(f"{label(a)}, {label(b)}: share memory; the update needs distinct, non-overlapping tensors")
+            raise ValueError(
+                f"{label(a)}, {label(b)}: share memory; the update needs distinct, non-overlapping tensors"
+            )
 
 
 def per_tensor(value: float | Sequence[float], count: int, name: str) -> list[float]:

@@ -120,7 +120,11 @@ def _fake_randomized_range(A, rank, oversample, power_iters, seed, streams):
 def _fake_randomized_svd(A, rank, oversample, power_iters, seed, streams):
     nb, m, n = A.shape
     f32 = torch.float32
-    return A.new_empty((nb, m, rank), dtype=f32), A.new_empty((nb, rank), dtype=f32), A.new_empty((nb, rank, n), dtype=f32)
+    return (
+        A.new_empty((nb, m, rank), dtype=f32),
+        A.new_empty((nb, rank), dtype=f32),
+        A.new_empty((nb, rank, n), dtype=f32),
+    )
 
 
 _FAKES = {

@@ -14,7 +14,6 @@ import torch
 
 from . import _checks, _ops
 
-
 _INT63 = 1 << 63
 
 

@@ -11,7 +11,6 @@ import random
 
 import pytest
 import torch
-
 from conftest import AXPBY_TOL
 
 import lorenza_kernels as lk
@@ -97,8 +96,14 @@ def test_axpby_matches_reference(shape, dtype, beta):
 
 
 def test_mixed_dtypes_and_streams():
-    shapes_dtypes = [((5, 123, 123), torch.float32), ((3,), torch.bfloat16), ((1000, 7), torch.float16),
-                     ((0,), torch.float32), ((CHUNK + 1,), torch.bfloat16), ((33, 65), torch.float32)]
+    shapes_dtypes = [
+        ((5, 123, 123), torch.float32),
+        ((3,), torch.bfloat16),
+        ((1000, 7), torch.float16),
+        ((0,), torch.float32),
+        ((CHUNK + 1,), torch.bfloat16),
+        ((33, 65), torch.float32),
+    ]
     ts = [torch.randn(s).to(d) for s, d in shapes_dtypes]
     seed, stream = _seed(), _stream(len(ts))
     alpha = [random.uniform(-2, 2) for _ in ts]
@@ -239,8 +244,20 @@ def test_conversions_bit_exact(isa, dtype, beta):
 def test_binding_rejects_bad_arguments():
     t = torch.zeros(8)
     norms = torch.zeros(1)
-    args = dict(ptrs=[t.data_ptr()], numels=[8], dtypes=[0], ncols=[8], seed=0, streams=[0], alpha=[1.0],
-                beta=[0.0], row_ptrs=[0], gamma=[0.0], norms_ptr=norms.data_ptr(), num_threads=1)
+    args = dict(
+        ptrs=[t.data_ptr()],
+        numels=[8],
+        dtypes=[0],
+        ncols=[8],
+        seed=0,
+        streams=[0],
+        alpha=[1.0],
+        beta=[0.0],
+        row_ptrs=[0],
+        gamma=[0.0],
+        norms_ptr=norms.data_ptr(),
+        num_threads=1,
+    )
     bad_args = (dict(alpha=[]), dict(dtypes=[7]), dict(ncols=[3]), dict(streams=[1 << 32]), dict(streams=[]),
                 dict(ptrs=[0]))  # fmt: skip
     for bad in bad_args:

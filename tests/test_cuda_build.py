@@ -62,7 +62,7 @@ def test_axpby_table(so):
     storage = torch.zeros(10_000, dtype=torch.bfloat16)
     ts = [
         torch.zeros(5, dtype=torch.float32),
-        storage[3:3 + 37 * 41].view(37, 41),  # a view at an odd element offset
+        storage[3 : 3 + 37 * 41].view(37, 41),  # a view at an odd element offset
         torch.zeros(0, dtype=torch.float16),
         torch.zeros(2, 3, 4, dtype=torch.float16),
         torch.zeros(lay.chunk_units * 4 + 1, dtype=torch.float32),  # one element past a chunk edge

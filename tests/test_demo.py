@@ -1,8 +1,7 @@
 """The main job (python -m lorenza.demo), its model and data, the trainer integrations, bench/run_all.py.
 
-Optimizers missing from lorenza.optim are skipped by the demo (and checked to be reported as
-skipped); those that exist run, and must run without error. Optional packages (transformers +
-accelerate, matplotlib) skip their parts cleanly.
+Every optimizer of the registry is built and runs; a failing one fails the demo (it is a bug, not a
+result). Optional packages (transformers + accelerate, matplotlib) skip their parts cleanly.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+
 from lorenza.demo import data, optimizers
 from lorenza.demo.memory import PeakMemory, module_bytes, optimizer_state_bytes
 from lorenza.demo.model import LlamaLM, apply_rotary, lm_loss, parse_size, rotary_cos_sin
@@ -28,13 +28,6 @@ MICRO = "dim=32,layers=1,heads=2,seq=32"
 
 def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def lorenza_optim_class(name: str):
-    try:
-        return optimizers.optimizer_class(name)
-    except optimizers.OptimizerUnavailable:
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +144,7 @@ def test_registry():
     assert groups[0]["rank"] == 4 and "rank" not in groups[1]
     assert id(model.embed_tokens.weight) not in low and all(p.dim() == 2 for p in groups[0]["params"])
     for name in optimizers.NAMES:
-        if lorenza_optim_class(name) is None:
-            with pytest.raises(optimizers.OptimizerUnavailable, match=name):
-                optimizers.build(name, model)
+        assert isinstance(optimizers.build(name, model), optimizers.optimizer_class(name))
 
 
 class _ZeroOrder(torch.optim.Optimizer):
@@ -257,9 +248,6 @@ def test_demo_tiny_run(fake_sources, tmp_path, capsys):
     rows = {r["optimizer"]: r for r in saved["rows"]}
     expected_passes = {"AdamW": (1, 1), "MeZO": (2, 0), "AdaZoSAM": (3, 1)}
     for name in names:
-        if lorenza_optim_class(name) is None:
-            assert name in saved["skipped"] and name not in rows
-            continue
         r = rows[name]
         assert r["error"] is None, r["error"]
         assert r["steps"] == 3 and math.isfinite(r["heldout_loss"]) and r["peak_mb"] > 0
@@ -271,6 +259,22 @@ def test_demo_tiny_run(fake_sources, tmp_path, capsys):
     again = main(argv[:1] + ["AdamW"] + argv[2:])
     assert again["pretraining"]["cached"] is True
     assert again["rows"][0]["heldout_loss"] == rows["AdamW"]["heldout_loss"]
+
+
+def test_a_failing_optimizer_fails_the_demo(fake_sources, tmp_path, monkeypatch):
+    # An exception inside an optimizer is a bug: the demo stops with it instead of reporting a row.
+    from lorenza import optim
+    from lorenza.demo.__main__ import main
+
+    def broken(self, closure=None):
+        raise RuntimeError("broken optimizer")
+
+    monkeypatch.setattr(optim.MeZO, "step", broken)
+    argv = ["--optimizers", "MeZO", "--steps", "2", "--model-size", MICRO, "--pretrain-steps", "2",
+            "--batch-size", "2", "--eval-batches", "1", "--data-root", fake_sources, "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="broken optimizer"):
+        main(argv)
 
 
 def test_plain_loop_example():
@@ -287,8 +291,9 @@ def test_plain_loop_example():
 
 @pytest.mark.skipif(not (has("transformers") and has("accelerate")), reason="needs transformers and accelerate")
 def test_hf_trainer_drives_closure_steps(tmp_path):
-    from lorenza.integrations import LorenzaTrainer
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from lorenza.integrations import LorenzaTrainer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -307,8 +312,7 @@ def test_hf_trainer_drives_closure_steps(tmp_path):
         "zeroth-order (test's own)": lambda m: _ZeroOrder(m.parameters()),
         "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
     }
-    if lorenza_optim_class("MeZO") is not None:
-        makers["lorenza MeZO"] = lambda m: optimizers.build("MeZO", m)
+    makers["lorenza MeZO"] = lambda m: optimizers.build("MeZO", m)
     for label, make in makers.items():
         model = LlamaForCausalLM(cfg)
         before = [p.detach().clone() for p in model.parameters()]
@@ -334,9 +338,10 @@ def test_hf_trainer_drives_closure_steps(tmp_path):
 @pytest.mark.skipif(not (has("transformers") and has("tokenizers")), reason="needs transformers and tokenizers")
 def test_demo_fine_tunes_a_local_hf_model(tmp_path):
     """--model PATH: a tiny random Llama and a byte-level BPE tokenizer saved locally, nothing downloaded."""
-    from lorenza.demo.__main__ import main
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lorenza.demo.__main__ import main
 
     torch.manual_seed(0)
     tok = Tokenizer(models.BPE())

@@ -168,7 +168,9 @@ def test_loren_matches_formula(K):
             st = opt.state[p]
             torch.testing.assert_close(st["a"].double(), a[i], atol=1e-5, rtol=1e-4)
             if M[i] is not None:
-                torch.testing.assert_close(st["momentum_buffer"].double().reshape(M[i].shape), M[i], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(
+                    st["momentum_buffer"].double().reshape(M[i].shape), M[i], atol=1e-4, rtol=1e-4
+                )
             else:
                 assert "momentum_buffer" not in st
     # The test is not vacuous: a moved, and per coordinate for the vector (not one shared shift).

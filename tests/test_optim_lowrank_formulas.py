@@ -115,7 +115,7 @@ def _run(cls, q, transform, residual, steps=7, **extra):
                 if S["updates"] % hp["update_interval"] == 0:
                     Qn = _svd_basis(G, lay, opt.state[params[ORDER[s]]]["proj"].double())
                     if S["Q"] is not None and transform == "rotate":
-                        O = Qn.t() @ S["Q"]
+                        O = Qn.t() @ S["Q"]  # noqa: E741 - the O of docs/algorithms.md
                         if side == "left":
                             S["M"], S["V"] = O @ S["M"], (O * O) @ S["V"]
                         else:

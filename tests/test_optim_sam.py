@@ -114,4 +114,6 @@ def test_adazo_sam_rho0_is_adamw(per_layer, foreach):
     ref_state = ref.state[m_ref.fc1.weight]
     zo_state = zo.state[m_zo.fc1.weight]
     assert zo_state["step"] == int(ref_state["step"])
-    torch.testing.assert_close(zo_state["exp_avg_sq"], ref_state["exp_avg_sq"], atol=0, rtol=1e-6 if foreach is None else 0)
+    torch.testing.assert_close(
+        zo_state["exp_avg_sq"], ref_state["exp_avg_sq"], atol=0, rtol=1e-6 if foreach is None else 0
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import dtype_id, require_backend
 
 import lorenza_kernels as lk
-from conftest import dtype_id, require_backend
 
 OP = "projected_adam_step_"
 SIDES = ("left", "right")

@@ -144,8 +144,10 @@ def test_list_equals_individual_in_input_order(device):
     ranks = [8, 8, 8, 6, 8, 4, 8]
     sides = ["auto", "left", "auto", "right", "auto", "auto", "left"]
     kw = dict(oversample=6, power_iters=1, seed=99, first_stream=3)
-    expected = [lk.randomized_range(A, r, side=s, oversample=6, seed=99, first_stream=3 + i)
-                for i, (A, r, s) in enumerate(zip(mats, ranks, sides))]
+    expected = [
+        lk.randomized_range(A, r, side=s, oversample=6, seed=99, first_stream=3 + i)
+        for i, (A, r, s) in enumerate(zip(mats, ranks, sides))
+    ]
     for max_batch in (None, 1, 2):
         got = lk.randomized_range_list(mats, ranks, sides=sides, max_batch=max_batch, **kw)
         assert len(got) == len(mats)
@@ -186,8 +188,14 @@ def test_orthonormalize_paths_and_fallback():
     # completion of the basis (path 3) or that makes Cholesky fail (Householder): both are fine
     assert path[2].item() in (ref.PATH_CHOLQR3, ref.PATH_HOUSEHOLDER)
     path[2] = -1
-    assert path.tolist() == [ref.PATH_CHOLQR2, ref.PATH_CHOLQR3, -1, ref.PATH_HOUSEHOLDER, ref.PATH_HOUSEHOLDER,
-                             ref.PATH_CHOLQR2]
+    assert path.tolist() == [
+        ref.PATH_CHOLQR2,
+        ref.PATH_CHOLQR3,
+        -1,
+        ref.PATH_HOUSEHOLDER,
+        ref.PATH_HOUSEHOLDER,
+        ref.PATH_CHOLQR2,
+    ]
     assert torch.isfinite(Q).all() and torch.isfinite(R).all()
     for b in range(X.shape[0]):
         assert orth_error(Q[b]) < 1e-5, b
@@ -196,7 +204,7 @@ def test_orthonormalize_paths_and_fallback():
 
 
 def test_rank_deficient_and_zero_matrices(device):
-    deficient = (torch.randn(70, 3, device=device) @ torch.randn(3, 50, device=device))
+    deficient = torch.randn(70, 3, device=device) @ torch.randn(3, 50, device=device)
     zero = torch.zeros(70, 50, device=device)
     for A in (deficient, zero):
         for side in ("left", "right"):
@@ -336,8 +344,12 @@ def test_cpu_backend_sketch():
 def test_triton_sketch_matches_reference(case):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     triton_sketch = require_backend("rsvd_sketch", "triton", dev)
-    nb, m, n, k = {"quad": (2, 40, 64, 20), "per-element": (3, 37, 50, 13), "bf16-transposed": (2, 70, 96, 40),
-                   "tiny": (1, 5, 3, 3)}[case]
+    nb, m, n, k = {
+        "quad": (2, 40, 64, 20),
+        "per-element": (3, 37, 50, 13),
+        "bf16-transposed": (2, 70, 96, 40),
+        "tiny": (1, 5, 3, 3),
+    }[case]
     if case == "bf16-transposed":
         A = torch.randn(nb, n, m, device=dev).to(torch.bfloat16).mT
     else:

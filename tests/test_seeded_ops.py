@@ -45,7 +45,10 @@ def test_axpby_matches_reference(backend, dev, dtype, shape):
     gen = _gen()
     t0 = _rand(shape, dtype, dev, gen)
     t, t_ref = t0.clone(), t0.clone()
-    seed, stream = int(torch.randint(0, 2**62, (), generator=gen)) * 3, 1000 + int(torch.randint(0, 99, (), generator=gen))
+    seed, stream = (
+        int(torch.randint(0, 2**62, (), generator=gen)) * 3,
+        1000 + int(torch.randint(0, 99, (), generator=gen)),
+    )
     with lk.use_backend(backend):
         assert _registry.active("seeded_axpby_", dev) == backend
         norms = lk.seeded_axpby_([t], seed, 0.37, 0.9, first_stream=stream)
@@ -89,8 +92,15 @@ def test_axpby_beta_zero_overwrites_poison(backend, dev, dtype):
 def test_axpby_mixed_list(backend, dev):
     require_backend("seeded_axpby_", backend, dev)
     gen = _gen()
-    specs = [((17,), torch.float32), ((3, 5), torch.bfloat16), ((), torch.float16), ((0, 4), torch.float32),
-             ((9, 2, 3), torch.float16), ((1031,), torch.bfloat16), ((64, 33), torch.float32)]
+    specs = [
+        ((17,), torch.float32),
+        ((3, 5), torch.bfloat16),
+        ((), torch.float16),
+        ((0, 4), torch.float32),
+        ((9, 2, 3), torch.float16),
+        ((1031,), torch.bfloat16),
+        ((64, 33), torch.float32),
+    ]
     ts = [_rand(s, d, dev, gen) for s, d in specs]
     refs = [t.clone() for t in ts]
     alpha = [0.1 * (k + 1) for k in range(len(ts))]

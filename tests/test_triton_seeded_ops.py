@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 tl = triton.language
 
 from conftest import AXPBY_TOL, TRITON_INTERPRET, dtype_id, poison_  # noqa: E402
+
 from lorenza_kernels import _registry, use_backend  # noqa: E402
 from lorenza_kernels import seeded_axpby_ as public_axpby_  # noqa: E402
 from lorenza_kernels._shapes import matrix_dims  # noqa: E402
@@ -84,8 +85,11 @@ def test_philox_known_answers(dev):
         (0, 0, [0.9911375, -0.9246628, -0.6176091, -0.4820683, -0.1536382, 0.1808258, 0.8317351, 0.1974396]),
         (1, 0, [0.3804007, -0.2962778, -0.2492331, -1.0038373, 0.6269479, -0.6339836, -0.6782714, -1.0130807]),
         (1, 1, [-0.1650479, 2.6764474, -1.5598533, 0.7548958, 1.5844943, -0.6431312, -0.3800066, 0.5067777]),
-        (1099511627783, 3,
-         [-0.2224926, -0.3849995, -1.0488936, 0.5205431, -1.4329347, 0.6782839, 0.1174121, -1.0960013]),
+        (
+            1099511627783,
+            3,
+            [-0.2224926, -0.3849995, -1.0488936, 0.5205431, -1.4329347, 0.6782839, 0.1174121, -1.0960013],
+        ),
         (123456789, 0, [-0.8675240, 1.7846837, 0.4166728, 0.4518241, 1.1816259, 0.0326168, 0.6252942, 1.3828443]),
     ],
 )
@@ -97,8 +101,11 @@ def test_stream_known_values(dev, seed, stream, first):
 def test_stream_matches_float64(dev):
     # >= 10^5 elements; seeds >= 2^32 and >= 2^63, streams >= 2^16, a block index >= 2^32 (c1 != 0),
     # lengths that are not multiples of 4.
-    cases = [(_seed() >> 40, 0, 0, 40_003), (_seed() | (1 << 63), (1 << 16) + 3, 0, 30_001),
-             ((1 << 40) + 7, (1 << 32) - 1, 4 * ((1 << 32) + 9), 30_002)]
+    cases = [
+        (_seed() >> 40, 0, 0, 40_003),
+        (_seed() | (1 << 63), (1 << 16) + 3, 0, 30_001),
+        ((1 << 40) + 7, (1 << 32) - 1, 4 * ((1 << 32) + 9), 30_002),
+    ]
     for seed, stream, start, numel in cases:
         z = trng.gaussian(numel, seed, stream, start=start, device=dev, block=16384).cpu().double()
         want = gaussian_range(start, start + numel, seed, stream, compute_dtype=torch.float64)

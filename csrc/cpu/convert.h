@@ -1,6 +1,6 @@
 // float32 <-> bfloat16 / float16 conversions written branch-free, so that gcc vectorizes the loops
-// that use them (the conversions of common/dtype.h branch, and a `_Float16` cast stays one scalar
-// vcvtps2ph per element even with F16C). Round to nearest even, as torch does; Inf stays Inf,
+// that use them (branching conversions do not, and a `_Float16` cast stays one scalar vcvtps2ph
+// per element even with F16C). Round to nearest even, as torch does; Inf stays Inf,
 // NaN stays NaN (quiet), subnormals are exact.
 // Where a candidate needs a float operation the choice is made with select_bits, not ?: (see there).
 #pragma once
@@ -17,7 +17,7 @@ LORENZA_CPU_INLINE float bf16_bits_to_float(uint16_t h) { return as_float(static
 LORENZA_CPU_INLINE uint16_t float_to_bf16_bits(float f) {
   const uint32_t b = as_bits(f);
   const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  const uint32_t nan = (b >> 16) | 0x40u;  // quiet, as common/dtype.h
+  const uint32_t nan = (b >> 16) | 0x40u;  // a quiet NaN, as torch's conversion
   return static_cast<uint16_t>((b & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
 }
 

@@ -107,7 +107,7 @@ def moment_transform_(
             M.zero_()
             V.zero_()
             continue
-        O = q_new.float().t() @ q_old.float()  # r x r
+        O = q_new.float().t() @ q_old.float()  # noqa: E741 - r x r, the O of docs/algorithms.md
         O2 = O * O
         if side == "left":
             M.copy_(O @ M.float())

@@ -241,6 +241,7 @@ def randomized_svd(
     """
     nb, m, n = A.shape
     if nb == 0:
+
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(shape, dtype=torch.float32, device=A.device)
 

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from .._registry import register
-from ._env import DEVICE_TYPES, INTERPRET
 from . import _tables as T
+from ._env import DEVICE_TYPES, INTERPRET
 from .rng import normal_at, normals, philox_normals
 
 #: Defaults for the GPU; tests pass smaller ones to exercise many chunks on small tensors.
@@ -77,8 +77,21 @@ def _round(val, DTYPE: tl.constexpr, RNE_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _axpby_step(t_ptr, r_ptr, off0, numel, ncols, z, alpha, beta, gamma,
-                BLOCK: tl.constexpr, HAS_ROWS: tl.constexpr, FULL: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+def _axpby_step(
+    t_ptr,
+    r_ptr,
+    off0,
+    numel,
+    ncols,
+    z,
+    alpha,
+    beta,
+    gamma,
+    BLOCK: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    FULL: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
+):
     """One block of ``t <- beta t + alpha z + gamma a[col]``, rounded once to t's dtype.
 
     ``beta`` and ``gamma`` are tested with uniform branches rather than folded into the load
@@ -111,8 +124,22 @@ def _axpby_step(t_ptr, r_ptr, off0, numel, ncols, z, alpha, beta, gamma,
 
 
 @triton.jit
-def _axpby_typed(addr, DTYPE: tl.constexpr, r_ptr, off0, numel, ncols, z, alpha, beta, gamma,
-                 BLOCK: tl.constexpr, HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+def _axpby_typed(
+    addr,
+    DTYPE: tl.constexpr,
+    r_ptr,
+    off0,
+    numel,
+    ncols,
+    z,
+    alpha,
+    beta,
+    gamma,
+    BLOCK: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
+):
     p = addr.to(tl.pointer_type(DTYPE))
     if ALIGNED:
         # On the int-to-pointer cast itself: AxisInfo reads hints on the defining op (a hint on
@@ -126,9 +153,18 @@ def _axpby_typed(addr, DTYPE: tl.constexpr, r_ptr, off0, numel, ncols, z, alpha,
 
 
 @triton.jit
-def _seeded_axpby_kernel(tab_ptr, partial_ptr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                         HAS_F32: tl.constexpr, HAS_BF16: tl.constexpr, HAS_F16: tl.constexpr,
-                         HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+def _seeded_axpby_kernel(
+    tab_ptr,
+    partial_ptr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    HAS_F32: tl.constexpr,
+    HAS_BF16: tl.constexpr,
+    HAS_F16: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
+):
     """For the tensor of chunk ``pid``: ``t <- beta t + alpha z + gamma 1 a^T`` on its chunk, in
     float32 rounded once to t's dtype; ``partial[pid] = sum(z^2)`` over the chunk."""
     pid = tl.program_id(0).to(tl.int64)
@@ -154,16 +190,58 @@ def _seeded_axpby_kernel(tab_ptr, partial_ptr, BLOCK: tl.constexpr, ITERS: tl.co
             z = normals(seed, off0 >> 2, stream, BLOCK // 4)
             if HAS_F32:
                 if dt == 0:
-                    _axpby_typed(addr, tl.float32, r_ptr, off0, numel, ncols, z, alpha, beta, gamma,
-                                 BLOCK, HAS_ROWS, ALIGNED, RNE_BY_HAND)
+                    _axpby_typed(
+                        addr,
+                        tl.float32,
+                        r_ptr,
+                        off0,
+                        numel,
+                        ncols,
+                        z,
+                        alpha,
+                        beta,
+                        gamma,
+                        BLOCK,
+                        HAS_ROWS,
+                        ALIGNED,
+                        RNE_BY_HAND,
+                    )
             if HAS_BF16:
                 if dt == 1:
-                    _axpby_typed(addr, tl.bfloat16, r_ptr, off0, numel, ncols, z, alpha, beta, gamma,
-                                 BLOCK, HAS_ROWS, ALIGNED, RNE_BY_HAND)
+                    _axpby_typed(
+                        addr,
+                        tl.bfloat16,
+                        r_ptr,
+                        off0,
+                        numel,
+                        ncols,
+                        z,
+                        alpha,
+                        beta,
+                        gamma,
+                        BLOCK,
+                        HAS_ROWS,
+                        ALIGNED,
+                        RNE_BY_HAND,
+                    )
             if HAS_F16:
                 if dt == 2:
-                    _axpby_typed(addr, tl.float16, r_ptr, off0, numel, ncols, z, alpha, beta, gamma,
-                                 BLOCK, HAS_ROWS, ALIGNED, RNE_BY_HAND)
+                    _axpby_typed(
+                        addr,
+                        tl.float16,
+                        r_ptr,
+                        off0,
+                        numel,
+                        ncols,
+                        z,
+                        alpha,
+                        beta,
+                        gamma,
+                        BLOCK,
+                        HAS_ROWS,
+                        ALIGNED,
+                        RNE_BY_HAND,
+                    )
             acc += tl.where(off0 + tl.arange(0, BLOCK) < numel, z * z, 0.0)
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
@@ -270,10 +348,17 @@ def seeded_axpby_(
     partial = torch.empty(plan.work, dtype=torch.float32, device=plan.device)
     with _device_guard(plan.device):
         _seeded_axpby_kernel[(plan.work,)](
-            plan.table, partial, BLOCK=block, ITERS=iters,
-            HAS_F32=torch.float32 in plan.dtypes, HAS_BF16=torch.bfloat16 in plan.dtypes,
-            HAS_F16=torch.float16 in plan.dtypes, HAS_ROWS=row_vectors is not None, ALIGNED=plan.aligned,
-            RNE_BY_HAND=INTERPRET, num_warps=num_warps,
+            plan.table,
+            partial,
+            BLOCK=block,
+            ITERS=iters,
+            HAS_F32=torch.float32 in plan.dtypes,
+            HAS_BF16=torch.bfloat16 in plan.dtypes,
+            HAS_F16=torch.float16 in plan.dtypes,
+            HAS_ROWS=row_vectors is not None,
+            ALIGNED=plan.aligned,
+            RNE_BY_HAND=INTERPRET,
+            num_warps=num_warps,
         )
         _seeded_norms_kernel[(len(tensors),)](plan.table, partial, norms, FBLOCK=FIN_BLOCK, num_warps=4)
     return norms

@@ -180,14 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     hp = optimizers.Hyper(
         steps=args.steps, rank=args.rank, update_interval=args.update_interval, seed=args.seed, lr=args.lrs
     )
-    plan, skipped = {}, {}
+    plan = {}
     for name in args.optimizer_names:
-        try:
-            optimizers.optimizer_class(name)
-        except optimizers.OptimizerUnavailable as e:
-            skipped[name] = str(e)
-            print(f"skipping {name}: {e}")
-            continue
         if args.budget == "compute":
             plan[name] = max(1, round(args.steps * optimizers.cost("AdamW") / optimizers.cost(name)))
         else:
@@ -195,14 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
     progress = make_progress(sum(plan.values()), "fine-tune")
     results = []
     for name, steps in plan.items():
-        try:
-            hp.steps = steps
-            results.append(
-                finetune(name, base_model, train, heldout, steps, hp, device, initial, args.eval_every, progress)
-            )
-        except optimizers.OptimizerUnavailable as e:
-            skipped[name] = str(e)
-            progress.update(steps, name, None)
+        hp.steps = steps
+        results.append(
+            finetune(name, base_model, train, heldout, steps, hp, device, initial, args.eval_every, progress)
+        )
     progress.close()
 
     rows = [r.row() for r in results]
@@ -227,7 +217,6 @@ def main(argv: list[str] | None = None) -> dict:
         "pretraining": pre_info,
         "pretrained_heldout_loss": initial,
         "rows": rows,
-        "skipped": skipped,
         "curves": {r.optimizer: r.curve for r in results},
         "train_loss": {r.optimizer: r.train_loss for r in results},
         "seconds": time.perf_counter() - t_start,
@@ -239,8 +228,6 @@ def main(argv: list[str] | None = None) -> dict:
         f" (pre-trained held-out loss {initial:.4f}, ppl {math.exp(initial):.2f})"
     )
     print(table(rows))
-    for name, reason in skipped.items():
-        print(f"skipped {name}: {reason}")
     for r in results:
         if r.error:
             print(f"failed {r.optimizer}: {r.error}")

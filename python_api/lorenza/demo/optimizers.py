@@ -1,11 +1,9 @@
 """The one registry of the optimizers the demo and the benchmarks compare.
 
 ``build(name, model, hp)`` returns a ``torch.optim.Optimizer`` for the model's trainable
-parameters, with learning rates chosen for a short fine-tune of an already pre-trained model.
-``lorenza.optim`` is imported lazily, at build time: this module imports whether or not it exists,
-and a class that is missing raises :class:`OptimizerUnavailable` with the reason, which callers
-report and skip. ``AdamW`` falls back to ``torch.optim.AdamW`` (the class ``lorenza.optim`` exports
-under that name) so that the registry always has one working entry.
+parameters, with learning rates chosen for a short fine-tune of an already pre-trained model:
+``torch.optim.AdamW`` for "AdamW", the class of that name from :mod:`lorenza.optim` otherwise. An
+optimizer that cannot be built or fails is a bug, and the error propagates.
 
 Low-rank optimizers (GaLore-AdamW, LORENZA, Lorenza+) get two parameter groups: the matrices of the
 transformer blocks with ``rank`` (and ``update_interval``, ``scale``), and everything else (norms,
@@ -22,16 +20,13 @@ below the best. Larger models want smaller rates: ``--lr NAME=VALUE``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-
-class OptimizerUnavailable(RuntimeError):
-    """The optimizer cannot be built here (its class is missing from ``lorenza.optim``)."""
+from lorenza import optim
 
 
 @dataclass
@@ -54,7 +49,7 @@ class Hyper:
 @dataclass(frozen=True)
 class Spec:
     name: str
-    cls: str  # attribute of lorenza.optim
+    cls: str  # attribute of lorenza.optim (AdamW: torch.optim's)
     lr: float
     passes: tuple[int, int]  # nominal (forward, backward) passes per step: the table of docs/algorithms.md
     lowrank: bool = False
@@ -161,20 +156,9 @@ def resolve(names: str | list[str] | None) -> list[str]:
 
 
 def optimizer_class(name: str) -> type:
-    """The class behind a registry name, from ``lorenza.optim``; raises :class:`OptimizerUnavailable`."""
+    """The class behind a registry name."""
     spec = SPECS[name]
-    try:
-        module = importlib.import_module("lorenza.optim")
-    except ImportError as e:
-        if name == "AdamW":
-            return torch.optim.AdamW
-        raise OptimizerUnavailable(f"{name}: lorenza.optim is not importable here ({type(e).__name__}: {e})") from e
-    cls = getattr(module, spec.cls, None)
-    if cls is None:
-        if name == "AdamW":
-            return torch.optim.AdamW
-        raise OptimizerUnavailable(f"{name}: lorenza.optim has no {spec.cls!r} yet")
-    return cls
+    return torch.optim.AdamW if spec.cls == "AdamW" else getattr(optim, spec.cls)
 
 
 def lowrank_groups(model: nn.Module, rank: int, extra: dict) -> list[dict]:
@@ -207,7 +191,7 @@ def default_rank(model: nn.Module) -> int:
 
 
 def build(name: str, model: nn.Module, hp: Hyper | None = None) -> torch.optim.Optimizer:
-    """The optimizer ``name`` for ``model``; raises :class:`OptimizerUnavailable` when missing here."""
+    """The optimizer ``name`` for ``model``."""
     hp = hp or Hyper()
     spec = SPECS[resolve(name)[0]]
     cls = optimizer_class(spec.name)
@@ -218,12 +202,7 @@ def build(name: str, model: nn.Module, hp: Hyper | None = None) -> torch.optim.O
         params: list = lowrank_groups(model, hp.rank or default_rank(model), extra)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return cls(params, lr=lr, **kwargs)
-    except TypeError as e:  # the API of a class still being written may differ from this registry
-        raise OptimizerUnavailable(
-            f"{spec.name}: {cls.__module__}.{cls.__name__}(...) rejected the registry's arguments {sorted(kwargs)}: {e}"
-        ) from e
+    return cls(params, lr=lr, **kwargs)
 
 
 def cost(name: str) -> int:

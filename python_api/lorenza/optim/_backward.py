@@ -23,14 +23,12 @@ from typing import Any
 
 import torch
 
-from ._noise import Perturbation, Slot
+from ._noise import Perturbation
 from .closure import as_loss
 
 __all__ = ["GradientPass", "LayerPass", "all_finite"]
 
-_NO_BACKWARD = (
-    "closure: called with gradients enabled it must call loss.backward() (see lorenza.optim.make_closure)"
-)
+_NO_BACKWARD = "closure: called with gradients enabled it must call loss.backward() (see lorenza.optim.make_closure)"
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:

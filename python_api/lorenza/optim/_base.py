@@ -50,8 +50,8 @@ import torch
 import torch.distributed as dist
 
 from . import _checks
-from ._backward import GradientPass, LayerPass, all_finite
-from ._noise import DenseNoise, Noise, Perturbation, Slot
+from ._backward import GradientPass, LayerPass
+from ._noise import DenseNoise, Noise, Slot
 from .closure import as_loss
 
 __all__ = ["SeededOptimizer", "StepContext"]
@@ -185,7 +185,9 @@ class SeededOptimizer(torch.optim.Optimizer):
         sd = dict(state_dict)
         glob = sd.pop("lorenza", None)
         if not isinstance(glob, dict):
-            raise ValueError("state_dict: no 'lorenza' entry (seed, step counter); was it saved by a lorenza optimizer?")
+            raise ValueError(
+                "state_dict: no 'lorenza' entry (seed, step counter); was it saved by a lorenza optimizer?"
+            )
         _checks.seed("state_dict['lorenza']['seed']", glob.get("seed"))
         for key, low in self.global_checks.items():
             _checks.int_at_least(f"state_dict['lorenza'][{key!r}]", glob.get(key), low)
@@ -199,7 +201,8 @@ class SeededOptimizer(torch.optim.Optimizer):
             if param is None:
                 raise ValueError(f"state_dict: state for parameter {key!r}, which no parameter group lists")
             self.state[param] = {
-                k: v.detach().to(param.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in value.items()
+                k: v.detach().to(param.device, copy=True) if isinstance(v, torch.Tensor) else v
+                for k, v in value.items()
             }
         self._global = dict(glob)
 
@@ -269,7 +272,9 @@ class SeededOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             return as_loss(closure())
 
-    def _reduce(self, losses: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> tuple[list[float], list[float]]:
+    def _reduce(
+        self, losses: Sequence[torch.Tensor], extra: torch.Tensor | None = None
+    ) -> tuple[list[float], list[float]]:
         """Probe losses averaged over the ranks (one all-reduce) and, untouched, ``extra`` values:
         both brought to the host in one synchronisation."""
         vals = torch.stack([v.to(losses[0].device, torch.float64) for v in losses])

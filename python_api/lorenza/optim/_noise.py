@@ -60,7 +60,8 @@ def seeded_axpby_slots_(
 
     One kernel call per device. A non-contiguous tensor (rare for parameters) goes through a
     contiguous copy. Called under ``torch.no_grad()`` by the optimizers (parameters are updated in
-    place, not detached: the op refuses tensors that require grad while grad is enabled). Returns ``sum(z_k^2)`` per tensor (float32, on the first tensor's device).
+    place, not detached: the op refuses tensors that require grad while grad is enabled). Returns
+    ``sum(z_k^2)`` per tensor (float32, on the first tensor's device).
     """
     n = len(tensors)
     alphas, betas = per_slot(alpha, n, "alpha"), per_slot(beta, n, "beta")

@@ -281,11 +281,15 @@ class SubspaceNoise:
             sq = seeded_axpby_slots_(us, [slots[k].stream for k in part], seed, 1.0, 0.0)
             out[part] = sq.to(device)
             for k, U in zip(part, us):
-                self._apply_one(slots[k].param, state[slots[k].param]["proj"], U, layouts[slots[k].index], alphas[k], betas[k])
+                self._apply_one(
+                    slots[k].param, state[slots[k].param]["proj"], U, layouts[slots[k].index], alphas[k], betas[k]
+                )
         return out
 
     @staticmethod
-    def _apply_one(param: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, lay: Layout, alpha: float, beta: float) -> None:
+    def _apply_one(
+        param: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, lay: Layout, alpha: float, beta: float
+    ) -> None:
         p = param.detach()
         work = p if p.is_contiguous() else p.contiguous()
         W = work.view(lay.m, lay.n)

@@ -89,7 +89,12 @@ class AdaZoSAM(SeededOptimizer):
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho, mu=mu)
         super().__init__(
-            params, defaults, seed=seed, per_layer=per_layer, state_dtype=state_dtype, options={"num_probes": num_probes}
+            params,
+            defaults,
+            seed=seed,
+            per_layer=per_layer,
+            state_dtype=state_dtype,
+            options={"num_probes": num_probes},
         )
 
     @torch.no_grad()

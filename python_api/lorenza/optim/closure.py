@@ -16,41 +16,98 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["as_loss", "make_closure"]
+__all__ = ["PassCounter", "StepClosure", "as_loss", "make_closure"]
 
 
-def make_closure(loss_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], torch.Tensor]:
-    """A closure for ``optimizer.step`` from a function that computes the loss.
+@dataclass
+class PassCounter:
+    """Forward passes (every closure call) and backward passes (calls with gradients enabled)."""
 
-    The closure calls ``loss_fn(*args, **kwargs)``; when gradients are enabled (the optimizer's
-    backward pass) it calls ``loss.backward()`` on the result; it returns the loss detached.
-    Under ``torch.no_grad()`` (zeroth-order probes) no graph is built and no backward is run.
+    forward: int = 0
+    backward: int = 0
 
-    ``loss_fn`` must return a scalar tensor. Raises ``RuntimeError`` when gradients are enabled but
-    the loss does not require grad (every parameter frozen, or ``loss_fn`` itself disabling grad),
-    rather than letting the optimizer step on missing gradients.
+
+class StepClosure:
+    """The one closure implementation of the package: ``optimizer.step(StepClosure(loss_fn))``.
+
+    ``loss_fn()`` returns the scalar loss of the current minibatch. When gradients are enabled (the
+    optimizer's backward pass) the closure calls ``backward`` on it (``loss.backward()`` unless
+    ``backward`` is given, e.g. ``accelerator.backward``); under ``torch.no_grad()`` (zeroth-order
+    probes) no graph is built and no backward runs. It returns the loss detached.
+
+    Options: ``counter`` counts forward and backward passes; ``clip_grad_norm``/``clip_params``
+    clip those parameters' gradients to that norm after each backward pass (so that SAM-like
+    optimizers get clipped gradients where a plain loop would clip them); ``same_randomness``
+    runs every call with the global RNGs seeded from one seed drawn (from the global RNG) when the
+    closure is made, and leaves the global RNG state as it found it (dropout masks then agree
+    between the probes of one step).
+
+    Raises ``RuntimeError`` when gradients are enabled but the loss does not require grad (every
+    parameter frozen, or ``loss_fn`` itself disabling grad), rather than letting the optimizer step
+    on missing gradients.
     """
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
 
-    def closure() -> torch.Tensor:
-        loss = loss_fn(*args, **kwargs)
+    def __init__(
+        self,
+        loss_fn: Callable[[], Any],
+        *,
+        counter: PassCounter | None = None,
+        backward: Callable[[torch.Tensor], None] | None = None,
+        clip_grad_norm: float | None = None,
+        clip_params: Iterable[torch.Tensor] | None = None,
+        same_randomness: bool = False,
+    ):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self.counter = counter if counter is not None else PassCounter()
+        self.backward = backward
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_params = list(clip_params) if clip_params is not None else None
+        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if same_randomness else None
+        self.last_loss: Any = None
+
+    def __call__(self) -> Any:
+        if self.seed is None:
+            loss = self._call()
+        else:
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(self.seed)
+                loss = self._call()
+        self.last_loss = loss
+        return loss
+
+    def _call(self) -> Any:
+        loss = self.loss_fn()
+        self.counter.forward += 1
         if torch.is_grad_enabled():
             if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
                 raise RuntimeError(
-                    "make_closure: gradients are enabled but the loss does not require grad "
+                    "closure: gradients are enabled but the loss does not require grad "
                     "(are all parameters frozen, or does loss_fn run under torch.no_grad()?)"
                 )
-            loss.backward()
+            (self.backward or torch.Tensor.backward)(loss)
+            self.counter.backward += 1
+            if self.clip_grad_norm and self.clip_params:
+                torch.nn.utils.clip_grad_norm_(self.clip_params, self.clip_grad_norm)
         return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
-    return closure
+
+def make_closure(loss_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> StepClosure:
+    """A closure for ``optimizer.step`` from a function that computes the loss:
+    ``StepClosure(lambda: loss_fn(*args, **kwargs))`` (see :class:`StepClosure`)."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+    return StepClosure(functools.partial(loss_fn, *args, **kwargs) if args or kwargs else loss_fn)
 
 
 def as_loss(value: Any, name: str = "closure") -> torch.Tensor:

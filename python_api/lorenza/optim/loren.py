@@ -94,19 +94,30 @@ class Loren(SeededOptimizer):
         defaults = dict(lr=lr, mu=mu, damping=damping, lr_cov=lr_cov, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults, seed=seed, state_dtype=state_dtype, options={"num_queries": num_queries})
 
-    def _init_state(self, slot: Slot) -> dict:
-        state = self.state[slot.param]
-        if "a" not in state:
-            n = lk.matrix_dims(slot.param)[1]
-            state["a"] = lk.gaussian(n, probe_seed(self.seed, INIT_STEP, 0), slot.stream, device=slot.param.device)
-            if slot.param.dim() >= 2:
-                state["momentum_buffer"] = torch.zeros_like(
-                    slot.param, dtype=self.state_dtype or slot.param.dtype, memory_format=torch.contiguous_format
-                )
-        return state
+    def _init_states(self, slots: Sequence[Slot]) -> list[dict]:
+        """The slots' states; the new ones get ``a = gaussian(n, probe_seed(seed, 0, 0), stream)``
+        (all in one kernel call) and, for matrices, a zero momentum buffer."""
+        states = [self.state[s.param] for s in slots]
+        new = [k for k, st in enumerate(states) if "a" not in st]
+        if new:
+            rows = [
+                torch.empty(lk.matrix_dims(slots[k].param)[1], dtype=torch.float32, device=slots[k].param.device)
+                for k in new
+            ]
+            seeded_axpby_slots_(rows, [slots[k].stream for k in new], probe_seed(self.seed, INIT_STEP, 0), 1.0, 0.0)
+            for k, a in zip(new, rows):
+                states[k]["a"] = a
+                if slots[k].param.dim() >= 2:
+                    states[k]["momentum_buffer"] = torch.zeros_like(
+                        slots[k].param, dtype=self.state_dtype or slots[k].param.dtype,
+                        memory_format=torch.contiguous_format,
+                    )  # fmt: skip
+        return states
 
     @staticmethod
-    def _stats(slots: Sequence[Slot], seed: int, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _stats(
+        slots: Sequence[Slot], seed: int, rows: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``p_k`` and the column sums of ``u`` for every slot: one kernel call (shapes only are read)."""
         if not slots:
             return torch.zeros(0), []
@@ -118,13 +129,19 @@ class Loren(SeededOptimizer):
         t = self._global["step"] + 1
         K = self._global["num_queries"]
         slots = self._slots()
-        states = [self._init_state(s) for s in slots]
+        states = self._init_states(slots)
         rows = [st["a"] for st in states]
         seeds = [probe_seed(self.seed, t, k) for k in range(K)]
         stats = [self._stats(slots, seed, rows) for seed in seeds]
         n = len(slots)
         # One host synchronisation for every scalar the kernel calls need: ||a||^2 and p_k.
-        scalars = torch.cat([torch.stack([r.square().sum() for r in rows])] + [ps.to(rows[0].device) for ps, _ in stats]).tolist() if n else []
+        scalars = (
+            torch.cat(
+                [torch.stack([r.square().sum() for r in rows])] + [ps.to(rows[0].device) for ps, _ in stats]
+            ).tolist()
+            if n
+            else []
+        )
         m = [lk.matrix_dims(s.param)[0] for s in slots]
         s_ = [mi * a2 for mi, a2 in zip(m, scalars[:n])]
         damping = [float(s.group["damping"]) for s in slots]
@@ -175,7 +192,9 @@ class Loren(SeededOptimizer):
 
         # Restore the last query, decay, and (vectors) the last query's term: one pass.
         last = K - 1
-        apply(everyone, last, [-decay[i] * mus[i] - (lrs[i] * w[last][i] if is_vec[i] else 0.0) for i in everyone], decay)
+        apply(
+            everyone, last, [-decay[i] * mus[i] - (lrs[i] * w[last][i] if is_vec[i] else 0.0) for i in everyone], decay
+        )
         for k in range(last):
             if vectors:
                 apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors])
@@ -197,9 +216,13 @@ class Loren(SeededOptimizer):
             coef = [[d[k] / (K - 1) * mus[i] * mus[i] / D[i] for k in range(K)] for i in live]
             cols = torch._foreach_mul([stats[0][1][i] for i in live], [cf[0] * p[0][i] for cf, i in zip(coef, live)])
             for k in range(1, K):
-                term = torch._foreach_mul([stats[k][1][i] for i in live], [cf[k] * p[k][i] for cf, i in zip(coef, live)])
+                term = torch._foreach_mul(
+                    [stats[k][1][i] for i in live], [cf[k] * p[k][i] for cf, i in zip(coef, live)]
+                )
                 torch._foreach_add_(cols, term)
-            scale = [sum(cf[k] * (1.0 + c[i] * (p[k][i] ** 2 - s_[i])) for k in range(K)) * m[i] for cf, i in zip(coef, live)]
+            scale = [
+                sum(cf[k] * (1.0 + c[i] * (p[k][i] ** 2 - s_[i])) for k in range(K)) * m[i] for cf, i in zip(coef, live)
+            ]
             a_list = [states[i]["a"] for i in live]
             torch._foreach_mul_(a_list, [1.0 + lc * sc for lc, sc in zip(lr_cov, scale)])
             torch._foreach_mul_(cols, [-lc for lc in lr_cov])

@@ -6,12 +6,10 @@ https://github.com/jiaweizzhao/GaLore) and whose zeroth-order probes live in tha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-
-import lorenza_kernels as lk
 
 from . import _checks
 from ._adam import adamw_slots_

@@ -53,7 +53,8 @@ class SAM(torch.optim.Optimizer):
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(
-                f"base_optimizer: expected a torch.optim.Optimizer subclass (the class, not an instance), got {base_optimizer!r}"
+                "base_optimizer: expected a torch.optim.Optimizer subclass (the class, not an instance), "
+                f"got {base_optimizer!r}"
             )
         _checks.non_negative("rho", rho)
         _checks.boolean("adaptive", adaptive)
