@@ -400,3 +400,11 @@ def test_triton_backend_end_to_end(mode, monkeypatch):
     with lk.use_backend("triton"):
         got = lk.randomized_range(A, 6, seed=17)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_compiles_fullgraph():
+    def basis(A):
+        return torch.ops.lorenza_kernels.randomized_range(A, 4, 4, 1, 7, [0, 1]) * 2.0
+
+    A = torch.randn(2, 30, 20)
+    torch.testing.assert_close(torch.compile(basis, fullgraph=True, backend="aot_eager")(A), basis(A))
