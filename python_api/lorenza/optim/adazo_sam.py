@@ -45,7 +45,8 @@ class AdaZoSAM(SeededOptimizer):
 
     Under ``torch.distributed`` only the probe losses are reduced here (one all-reduce of ``2 q``
     scalars per step); the gradient of the backward pass is expected to be averaged by
-    ``DistributedDataParallel`` or FSDP, as for any torch optimizer.
+    ``DistributedDataParallel``, as for any torch optimizer (FSDP's sharded parameters are not
+    supported yet).
 
     ``per_layer=True``: each parameter is restored (its share of ``eps`` removed), checked,
     updated and its gradient freed in its post-accumulate-grad hook, as soon as the backward pass
