@@ -10,7 +10,9 @@ Three parts, side by side with torch's own ops in the same run:
   first call    a fresh process: ``import lorenza_kernels`` and its first op call, in seconds,
                 and whether that imported ``torch._dynamo`` (the price of torch.compile's machinery)
   steps         per optimizer of the demo's registry, on the demo's Llama-style model with 8 and
-                32 layers: ``lorenza_kernels`` op calls per step (torch profiler events), the
+                32 layers: ``lorenza_kernels`` op calls per step made by the optimizer (torch
+                profiler events outside the closure; ``probe_calls``: those inside it, where exact
+                probes perturb each parameter as the forward pass reads it), the
                 step's time minus its closure evaluations (median over steps, the first steps and
                 any subspace refresh excluded), next to ``torch.optim.AdamW(foreach=True).step()``
                 on the same parameters and gradients (``x AdamW``); ``lk_ms``: the part of a
@@ -237,16 +239,37 @@ def _optimizer_ms(opt, closure: TimedClosure, steps: int, device: str) -> list[f
     return out
 
 
-def _op_calls(opt, closure) -> tuple[int, float]:
-    """``lorenza_kernels`` op calls of one step, and the milliseconds spent inside them (profiled)."""
-    from torch.profiler import ProfilerActivity, profile
+def _op_calls(opt, closure) -> tuple[int, int, float]:
+    """``lorenza_kernels`` op calls of one step made by the optimizer itself (outside the closure),
+    those made inside the closure (exact probes perturb each parameter where it is read), and the
+    milliseconds of the step spent inside the optimizer's ops (profiled)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        opt.step(closure)
+    inner = closure.fn
+
+    def marked():
+        with record_function("closure"):
+            return inner()
+
+    closure.fn = marked
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step(closure)
+    finally:
+        closure.fn = inner
+
+    def in_closure(e) -> bool:
+        while e is not None:
+            if e.name == "closure":
+                return True
+            e = e.cpu_parent
+        return False
+
     events = [e for e in prof.events() if e.name.startswith(NS)]
+    outside = [e for e in events if not in_closure(e)]
     # nested ops (the reference rsvd calls the sketch op) are counted, their time only once
-    top = [e for e in events if not (e.cpu_parent and e.cpu_parent.name.startswith(NS))]
-    return len(events), sum(e.cpu_time_total for e in top) / 1e3
+    top = [e for e in outside if not (e.cpu_parent and e.cpu_parent.name.startswith(NS))]
+    return len(outside), len(events) - len(outside), sum(e.cpu_time_total for e in top) / 1e3
 
 
 def _adamw_ms(model, closure: TimedClosure, steps: int, device: str) -> list[float]:
@@ -283,7 +306,7 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
             for _ in range(2):  # state built, first refresh done
                 opt.zero_grad(set_to_none=True)
                 opt.step(closure)
-            calls, kernel_ms = _op_calls(opt, closure)
+            calls, in_probe, kernel_ms = _op_calls(opt, closure)
             ms = _optimizer_ms(opt, closure, steps, device)
             med = statistics.median(ms)
             report.add(f"{layers} layers", name, (med, *_q(ms)), op_calls=calls, lk_ms=kernel_ms, x_adamw=med / a_med)

@@ -53,11 +53,15 @@ def _zo_estimates(problem, theta, hps, t, q):
     return c, z
 
 
+PROBES = pytest.mark.parametrize("probe", ["exact", "inplace"])
+
+
+@PROBES
 @pytest.mark.parametrize("q", [1, 2])
-def test_mezo_matches_formula(q):
+def test_mezo_matches_formula(q, probe):
     problem = Problem(SHAPES)
     params = problem.params()
-    opt = MeZO(_groups(params), lr=0.05, mu=1e-2, num_probes=q, seed=SEED)
+    opt = MeZO(_groups(params), lr=0.05, mu=1e-2, num_probes=q, seed=SEED, probe=probe)
     hps = [_hp(i) for i in ORDER]
     theta = _start(problem)
     for t in range(1, 6):
@@ -71,10 +75,11 @@ def test_mezo_matches_formula(q):
     assert opt.state_dict()["lorenza"]["step"] == 5 and not opt.state
 
 
-def test_mezo_adam_matches_formula():
+@PROBES
+def test_mezo_adam_matches_formula(probe):
     problem = Problem(SHAPES)
     params = problem.params()
-    opt = MeZOAdam(_groups(params), lr=0.02, mu=1e-2, betas=(0.8, 0.99), eps=1e-6, seed=SEED)
+    opt = MeZOAdam(_groups(params), lr=0.02, mu=1e-2, betas=(0.8, 0.99), eps=1e-6, seed=SEED, probe=probe)
     hps = [_hp(i, lr=0.02) for i in ORDER]
     theta = _start(problem)
     m = [torch.zeros_like(p) for p in theta]
@@ -94,12 +99,13 @@ def test_mezo_adam_matches_formula():
     torch.testing.assert_close(st["exp_avg"].double(), m[0], atol=1e-6, rtol=1e-4)
 
 
+@PROBES
 @pytest.mark.parametrize("q", [1, 3])
-def test_adazo_sam_matches_formula(q):
+def test_adazo_sam_matches_formula(q, probe):
     problem = Problem(SHAPES)
     params = problem.params()
     rho = 0.1
-    opt = AdaZoSAM(_groups(params), lr=0.02, mu=1e-2, rho=rho, num_probes=q, betas=(0.9, 0.99), seed=SEED)
+    opt = AdaZoSAM(_groups(params), lr=0.02, mu=1e-2, rho=rho, num_probes=q, betas=(0.9, 0.99), seed=SEED, probe=probe)
     hps = [_hp(i, lr=0.02) for i in ORDER]
     theta = _start(problem)
     m = [torch.zeros_like(p) for p in theta]
@@ -127,13 +133,14 @@ def _dims(shape):
     return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
 
 
+@PROBES
 @pytest.mark.parametrize("K", [2, 5])
-def test_loren_matches_formula(K):
+def test_loren_matches_formula(K, probe):
     shapes = [(4, 3), (5,), (2, 3, 2)]  # a matrix, a vector, a 3-D tensor viewed as 2 x 6
     problem = Problem(shapes, gen_seed=3)
     params = problem.params()
     hp = dict(lr=0.05, mu=0.05, damping=0.1, lr_cov=20.0, momentum=0.8, weight_decay=0.1)
-    opt = Loren(params, num_queries=K, seed=SEED, **hp)
+    opt = Loren(params, num_queries=K, seed=SEED, probe=probe, **hp)
     theta = [x.float().double() for x in problem.init]
     a = [lk.gaussian(_dims(s)[1], probe_seed(SEED, 0, 0), i).double() for i, s in enumerate(shapes)]
     a0 = [x.clone() for x in a]

@@ -154,10 +154,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("probe", ["exact", "inplace"])
 @pytest.mark.parametrize("transform, q, residual", CASES, ids=[f"{a}-q{b}-rs{c}" for a, b, c in CASES])
-def test_lorenza_matches_formula(transform, q, residual):
+def test_lorenza_matches_formula(transform, q, residual, probe):
     cls = Lorenza if not residual else LorenzaPlus
-    opt, params, st = _run(cls, q, transform, residual)
+    opt, params, st = _run(cls, q, transform, residual, probe=probe)
     a, b = opt.state[params[0]], opt.state[params[1]]
     assert a["proj"].shape == (6, 2) and a["exp_avg"].shape == (8, 2)  # right side
     assert b["proj"].shape == (5, 3) and b["exp_avg"].shape == (3, 9)  # left side

@@ -45,6 +45,12 @@ FACTORIES = {
     "lorenza_keep": lambda ps, seed: Lorenza(ps, lr=1e-2, moment_transform="keep", svd="exact", seed=seed, **LOW),
     "lorenza_reset": lambda ps, seed: Lorenza(ps, lr=1e-2, moment_transform="reset", svd="exact", seed=seed, **LOW),
     "lorenza_per_layer": lambda ps, seed: Lorenza(ps, lr=1e-2, svd="exact", seed=seed, per_layer=True, **LOW),
+    "lorenza_inplace": lambda ps, seed: Lorenza(
+        ps, lr=1e-2, num_probes=2, svd="exact", seed=seed, probe="inplace", **LOW
+    ),
+    "lorenza_per_layer_inplace": lambda ps, seed: Lorenza(
+        ps, lr=1e-2, svd="exact", seed=seed, per_layer=True, probe="inplace", **LOW
+    ),
     "lorenza_plus": lambda ps, seed: LorenzaPlus(ps, lr=1e-2, svd="exact", seed=seed, **LOW),
     "galore": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, weight_decay=0.1, seed=seed, **LOW),
     "galore_per_layer": lambda ps, seed: GaLoreAdamW(ps, lr=1e-2, seed=seed, per_layer=True, **LOW),

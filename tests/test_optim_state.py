@@ -18,6 +18,12 @@ FACTORIES = {
     "adazo_sam": lambda ps, seed: AdaZoSAM(ps, lr=1e-2, num_probes=2, seed=seed),
     "adazo_sam_per_layer": lambda ps, seed: AdaZoSAM(ps, lr=1e-2, num_probes=2, seed=seed, per_layer=True),
     "loren": lambda ps, seed: Loren(ps, lr=1e-2, num_queries=3, lr_cov=1.0, seed=seed),
+    "mezo_inplace": lambda ps, seed: MeZO(ps, lr=1e-2, num_probes=2, seed=seed, probe="inplace"),
+    "adazo_sam_inplace": lambda ps, seed: AdaZoSAM(ps, lr=1e-2, num_probes=2, seed=seed, probe="inplace"),
+    "adazo_sam_per_layer_inplace": lambda ps, seed: AdaZoSAM(
+        ps, lr=1e-2, num_probes=2, seed=seed, per_layer=True, probe="inplace"
+    ),
+    "loren_inplace": lambda ps, seed: Loren(ps, lr=1e-2, num_queries=3, lr_cov=1.0, seed=seed, probe="inplace"),
     "sam": lambda ps, seed: SAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-2),
 }
 

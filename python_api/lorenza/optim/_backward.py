@@ -104,7 +104,7 @@ class GradientPass:
         layer_pass = LayerPass(ctx, perturbation)
         self.active = layer_pass if opt.per_layer else None
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), perturbation.applied(differentiable=True):
                 loss = as_loss(closure())
         except BaseException:
             self.active = None

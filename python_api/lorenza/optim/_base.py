@@ -51,12 +51,14 @@ import torch.distributed as dist
 
 from . import _checks
 from ._backward import GradientPass, LayerPass
-from ._noise import DenseNoise, Noise, Slot
+from ._noise import DenseNoise, Noise, Perturbation, Slot
+from ._probe import ProbeMode
 from .closure import as_loss
 
 __all__ = ["SeededOptimizer", "StepContext"]
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the seeded kernels write these
+PROBES = ("exact", "inplace")
 
 
 @dataclass
@@ -95,9 +97,11 @@ class SeededOptimizer(torch.optim.Optimizer):
         per_layer: bool = False,
         state_dtype: torch.dtype | None = torch.float32,
         options: dict[str, int] | None = None,
+        probe: str = "exact",
     ) -> None:
         seed = _checks.seed("seed", seed)
         _checks.boolean("per_layer", per_layer)
+        _checks.choice("probe", probe, PROBES)
         _checks.dtype_or_none("state_dtype", state_dtype, _STATE_DTYPES)
         for key, value in defaults.items():
             self.group_checks[key](key, value)
@@ -107,6 +111,8 @@ class SeededOptimizer(torch.optim.Optimizer):
         self._global: dict[str, Any] = {"format": 1, "seed": seed, "step": 0, "skipped": 0, **options}
         self.per_layer = per_layer
         self.state_dtype = state_dtype
+        #: "exact": probes never write the parameters (``_probe.py``); "inplace": add, evaluate, subtract.
+        self.probe = probe
         #: process group whose ranks average the probe losses (None: the default group).
         self.process_group = None
         self._gradient_pass = GradientPass(self)
@@ -208,7 +214,7 @@ class SeededOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         st = super().__getstate__()
-        st.update(_global=self._global, per_layer=self.per_layer, state_dtype=self.state_dtype)
+        st.update(_global=self._global, per_layer=self.per_layer, state_dtype=self.state_dtype, probe=self.probe)
         st.pop("_gradient_pass", None)  # hooks and weak references do not travel
         return st
 
@@ -219,6 +225,8 @@ class SeededOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         full = "_global" in state
+        if full:
+            state.setdefault("probe", "inplace")  # pickled before the option existed
         super().__setstate__(state)
         if full:  # unpickled or deep-copied: rebuild what cannot travel
             self.process_group, self._warned_skip = None, False
@@ -288,16 +296,24 @@ class SeededOptimizer(torch.optim.Optimizer):
         out = vals.tolist()
         return out[: len(losses)], out[len(losses) :]
 
+    def _perturbation(self, ctx: StepContext) -> Perturbation:
+        """An empty record of the step's ascent, exact or in place as ``probe`` says."""
+        return Perturbation(ctx.noise, ctx.slots, exact=self.probe == "exact")
+
     def _two_sided_probes(
         self, ctx: StepContext, closure: Callable[[], Any], seeds: Sequence[int], mus: Sequence[float]
     ) -> tuple[list[float], list[list[float]], bool]:
         """``(losses, norms, ok)``: ``[L(p + mu P_0), L(p - mu P_0), L(p + mu P_1), ...]`` (rank-averaged),
         ``||P_j||^2`` per probe and slot, and whether every loss is finite.
 
-        When ``ok``, leaves the parameters at ``p - mu P_last``: the caller fuses the last restore with
-        its update. Otherwise it restores them and counts the skip. If the closure raises, the
-        perturbation in place is removed before the exception propagates.
+        ``probe="exact"``: the parameters are never written (the losses are evaluated inside a
+        :class:`~lorenza.optim._probe.ProbeMode`). ``probe="inplace"``: when ``ok``, the parameters
+        are left at ``p - mu P_last`` (the caller fuses the last restore with its update; see
+        :attr:`left_at`); otherwise they are restored and the skip counted. If the closure raises,
+        the perturbation in place is removed before the exception propagates.
         """
+        if self.probe == "exact":
+            return self._exact_probes(ctx, closure, seeds, mus)
         slots, noise = ctx.slots, ctx.noise
         losses: list[torch.Tensor] = []
         norms: list[torch.Tensor] = []
@@ -318,11 +334,45 @@ class SeededOptimizer(torch.optim.Optimizer):
             if applied is not None:
                 noise.apply_(slots, applied[0], [-a for a in applied[1]])
             raise
+        vals, norms_per_probe, ok = self._finish_probes(slots, losses, norms)
+        if not ok:
+            noise.apply_(slots, seeds[-1], mus)
+        return vals, norms_per_probe, ok
+
+    def _exact_probes(
+        self, ctx: StepContext, closure: Callable[[], Any], seeds: Sequence[int], mus: Sequence[float]
+    ) -> tuple[list[float], list[list[float]], bool]:
+        slots = ctx.slots
+        losses: list[torch.Tensor] = []
+        norms: list[torch.Tensor] = []
+        for seed in seeds:
+            recorded: dict[int, torch.Tensor] = {}
+            for sign in (1.0, -1.0):
+                probe = Perturbation(ctx.noise, slots, exact=True)
+                probe.add(seed, [sign * m for m in mus])
+                mode = ProbeMode([s.param for s in slots], probe.materializer(recorded if sign > 0 else None))
+                with mode:
+                    losses.append(self._probe_loss(closure))
+            missing = [s for s in slots if s.index not in recorded]
+            if missing:  # parameters the loss did not read, or a fused kernel read: norms from the stream
+                for s, sq in zip(missing, ctx.noise.norms(missing, seed)):
+                    recorded[s.index] = sq.reshape(1)
+            device = slots[0].param.device if slots else torch.device("cpu")
+            norms.append(
+                torch.cat([recorded[s.index].reshape(1).to(device) for s in slots]) if slots else torch.zeros(0)
+            )
+        return self._finish_probes(slots, losses, norms)
+
+    def _finish_probes(self, slots, losses, norms) -> tuple[list[float], list[list[float]], bool]:
         vals, flat = self._reduce(losses, torch.cat(norms) if slots else None)
         n = len(slots)
-        norms_per_probe = [flat[j * n : (j + 1) * n] for j in range(len(seeds))]
+        norms_per_probe = [flat[j * n : (j + 1) * n] for j in range(len(norms))]
         if not all(math.isfinite(v) for v in vals):
-            noise.apply_(slots, seeds[-1], mus)
             self._skip(f"non-finite loss in a zeroth-order probe ({vals})")
             return vals, norms_per_probe, False
         return vals, norms_per_probe, True
+
+    def left_at(self, mus: Sequence[float]) -> list[float]:
+        """Where two-sided probes leave the parameters, as the coefficient of the last probe's
+        noise: ``-mu`` in place, ``0`` with exact probes."""
+        return [-m for m in mus] if self.probe == "inplace" else [0.0] * len(mus)

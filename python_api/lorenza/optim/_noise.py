@@ -14,12 +14,15 @@ through the same component.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import torch
 
 import lorenza_kernels as lk
+
+from ._probe import ProbeMode, exact_probe_context
 
 __all__ = ["DenseNoise", "Noise", "Perturbation", "Slot", "per_slot", "seeded_axpby_slots_"]
 
@@ -93,35 +96,60 @@ def seeded_axpby_slots_(
 
 
 class Noise(Protocol):
-    """How a probe of one step is applied: ``p <- beta p + alpha P(seed, slot)``; returns ``||P||^2``."""
+    """How a probe of one step is applied: ``t <- beta t + alpha P(seed, slot)`` on the parameters,
+    or on ``out`` (one tensor per slot, of the parameter's shape) when given; returns ``||P||^2``."""
 
     def apply_(
-        self, slots: Sequence[Slot], seed: int, alpha: Sequence[float], beta: float | Sequence[float] = 1.0
+        self,
+        slots: Sequence[Slot],
+        seed: int,
+        alpha: Sequence[float],
+        beta: float | Sequence[float] = 1.0,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor: ...
+
+    def norms(self, slots: Sequence[Slot], seed: int) -> torch.Tensor:
+        """``||P(seed, slot)||^2`` per slot, without touching any parameter."""
+        ...
 
 
 class DenseNoise:
     """Full-space probes: ``P = z``, drawn from ``(seed, stream of the parameter)``."""
 
     def apply_(
-        self, slots: Sequence[Slot], seed: int, alpha: Sequence[float], beta: float | Sequence[float] = 1.0
+        self,
+        slots: Sequence[Slot],
+        seed: int,
+        alpha: Sequence[float],
+        beta: float | Sequence[float] = 1.0,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return seeded_axpby_slots_([s.param for s in slots], [s.stream for s in slots], seed, alpha, beta)
+        tensors = [s.param for s in slots] if out is None else out
+        return seeded_axpby_slots_(tensors, [s.stream for s in slots], seed, alpha, beta)
+
+    def norms(self, slots: Sequence[Slot], seed: int) -> torch.Tensor:
+        scratch = [torch.empty_like(s.param, memory_format=torch.contiguous_format) for s in slots]
+        return self.apply_(slots, seed, [1.0] * len(slots), 0.0, out=scratch)
 
 
 class Perturbation:
-    """The seeded noise currently added to the parameters, kept as integers and floats only.
+    """The seeded noise of a step's ascent, kept as integers and floats only.
 
-    ``terms`` is a list of ``(seed, alphas)``: slot ``i`` holds ``sum_terms alphas[i] P(seed, slot_i)``
-    on top of its unperturbed value. :meth:`restore` removes it (all slots, or a subset: the
-    per-layer hooks restore one parameter as soon as its gradient is ready), in the reverse order
-    of application, through the ``noise`` that applied it. Restoring is exact up to the rounding of
-    the additions (``docs/algorithms.md``, "Skipped steps").
+    ``terms`` is a list of ``(seed, alphas)``: slot ``i`` is perturbed by
+    ``sum_terms alphas[i] P(seed, slot_i)``. In place (``exact=False``) the terms have been added to
+    the parameters and :meth:`restore` removes them (all slots, or a subset: the per-layer hooks
+    restore one parameter as soon as its gradient is ready), in the reverse order of application,
+    through the ``noise`` that applied them; exact up to the rounding of the additions. With
+    ``exact=True`` nothing was ever written: :meth:`applied` is the context in which functions that
+    read a parameter see its perturbed value (``_probe.ProbeMode``), and restoring is a no-op.
     """
 
-    def __init__(self, noise: Noise, slots: Sequence[Slot]):
+    def __init__(self, noise: Noise, slots: Sequence[Slot], *, exact: bool = False):
         self.noise = noise
         self.slots = list(slots)
+        self.exact = exact
         self.terms: list[tuple[int, list[float]]] = []
         self.restored = [False] * len(self.slots)
         self.index = {id(s.param): s.index for s in self.slots}
@@ -131,9 +159,38 @@ class Perturbation:
 
     def restore(self, indices: Sequence[int] | None = None) -> None:
         todo = [i for i in (range(len(self.slots)) if indices is None else indices) if not self.restored[i]]
-        for seed, alphas in reversed(self.terms):
-            live = [i for i in todo if alphas[i] != 0.0]
-            if live:
-                self.noise.apply_([self.slots[i] for i in live], seed, [-alphas[i] for i in live])
+        if not self.exact:
+            for seed, alphas in reversed(self.terms):
+                live = [i for i in todo if alphas[i] != 0.0]
+                if live:
+                    self.noise.apply_([self.slots[i] for i in live], seed, [-alphas[i] for i in live])
         for i in todo:
             self.restored[i] = True
+
+    def materializer(self, record: dict[int, torch.Tensor] | None = None):
+        """``make(param)``: a new tensor holding the parameter plus this perturbation. With
+        ``record``, the first ``||P||^2`` of each slot is kept there (slot index -> 1-element tensor)."""
+        terms, noise = self.terms, self.noise
+        slots = {id(s.param): s for s in self.slots}
+
+        def make(param: torch.Tensor) -> torch.Tensor:
+            slot = slots[id(param)]
+            out = param.detach().clone(memory_format=torch.contiguous_format)
+            for seed, alphas in terms:
+                a = alphas[slot.index]
+                if a != 0.0:
+                    sq = noise.apply_([slot], seed, [a], out=[out])
+                    if record is not None and slot.index not in record:
+                        record[slot.index] = sq
+            return out
+
+        return make
+
+    def applied(self, *, differentiable: bool, linear=None):
+        """The context in which the parameters read as perturbed (exact mode; a no-op context in
+        place or without terms)."""
+        if not self.exact or not self.terms:
+            return contextlib.nullcontext()
+        params = [s.param for s in self.slots]
+        mode = ProbeMode(params, self.materializer(), differentiable=differentiable, linear=linear)
+        return exact_probe_context(mode)

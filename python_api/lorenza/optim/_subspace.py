@@ -35,7 +35,7 @@ import lorenza_kernels as lk
 
 from . import _checks
 from ._functional import buckets
-from ._noise import Slot, seeded_axpby_slots_
+from ._noise import DenseNoise, Slot, seeded_axpby_slots_
 from ._seeds import RESERVED_PROBE_BASE, probe_seed
 
 __all__ = ["Layout", "MOMENT_TRANSFORMS", "SVDS", "Subspace", "SubspaceNoise", "SubspacePlan", "refresh_bases"]
@@ -257,34 +257,63 @@ class SubspaceNoise:
         self.subspace, self.plan = subspace, plan
 
     def apply_(
-        self, slots: Sequence[Slot], seed: int, alpha: Sequence[float], beta: float | Sequence[float] = 1.0
+        self,
+        slots: Sequence[Slot],
+        seed: int,
+        alpha: Sequence[float],
+        beta: float | Sequence[float] = 1.0,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         n = len(slots)
         alphas = list(alpha)
         betas = [float(beta)] * n if isinstance(beta, (int, float)) else list(beta)
+        targets = [s.param for s in slots] if out is None else list(out)
+        dense, projected = self._split(slots)
+        device = slots[0].param.device if n else torch.device("cpu")
+        norms = torch.zeros(n, dtype=torch.float32, device=device)
+        if dense:
+            sq = seeded_axpby_slots_(
+                [targets[k] for k in dense], [slots[k].stream for k in dense], seed,
+                [alphas[k] for k in dense], [betas[k] for k in dense],
+            )  # fmt: skip
+            norms[dense] = sq.to(device)
+        state = self.subspace._owner().state
+        layouts = self.plan.layouts
+        for part, us, sq in self._noise(slots, projected, seed):
+            norms[part] = sq.to(device)
+            for k, U in zip(part, us):
+                lay = layouts[slots[k].index]
+                self._apply_one(targets[k], state[slots[k].param]["proj"], U, lay, alphas[k], betas[k])
+        return norms
+
+    def norms(self, slots: Sequence[Slot], seed: int) -> torch.Tensor:
+        n = len(slots)
+        dense, projected = self._split(slots)
+        device = slots[0].param.device if n else torch.device("cpu")
+        norms = torch.zeros(n, dtype=torch.float32, device=device)
+        if dense:
+            norms[dense] = DenseNoise().norms([slots[k] for k in dense], seed).to(device)
+        for part, _, sq in self._noise(slots, projected, seed):
+            norms[part] = sq.to(device)
+        return norms
+
+    def _split(self, slots: Sequence[Slot]) -> tuple[list[int], list[int]]:
+        """Dense slots, and projected slots that have a basis (the others are not probed)."""
         layouts = self.plan.layouts
         dense = [k for k, s in enumerate(slots) if layouts[s.index] is None]
         projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None and self.subspace.has_basis(s)]
-        device = slots[0].param.device if n else torch.device("cpu")
-        out = torch.zeros(n, dtype=torch.float32, device=device)
-        if dense:
-            sq = seeded_axpby_slots_(
-                [slots[k].param for k in dense], [slots[k].stream for k in dense], seed,
-                [alphas[k] for k in dense], [betas[k] for k in dense],
-            )  # fmt: skip
-            out[dense] = sq.to(device)
-        state = self.subspace._owner().state
+        return dense, projected
+
+    def _noise(self, slots: Sequence[Slot], projected: list[int], seed: int):
+        """``(positions, U tensors, ||U||^2)`` per bucket of projected slots: one kernel call each."""
+        layouts = self.plan.layouts
         shapes = [layouts[slots[k].index].moment_shape for k in projected]
         for idx in buckets(len(projected), [a * b for a, b in shapes]):
             part = [projected[i] for i in idx]
             us = [torch.empty(shapes[i], dtype=torch.float32, device=slots[projected[i]].param.device) for i in idx]
             sq = seeded_axpby_slots_(us, [slots[k].stream for k in part], seed, 1.0, 0.0)
-            out[part] = sq.to(device)
-            for k, U in zip(part, us):
-                self._apply_one(
-                    slots[k].param, state[slots[k].param]["proj"], U, layouts[slots[k].index], alphas[k], betas[k]
-                )
-        return out
+            yield part, us, sq
 
     @staticmethod
     def _apply_one(

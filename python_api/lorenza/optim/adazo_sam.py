@@ -87,6 +87,7 @@ class AdaZoSAM(SeededOptimizer):
         seed: int = 0,
         per_layer: bool = False,
         state_dtype: torch.dtype | None = torch.float32,
+        probe: str = "exact",
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho, mu=mu)
         super().__init__(
@@ -96,13 +97,14 @@ class AdaZoSAM(SeededOptimizer):
             per_layer=per_layer,
             state_dtype=state_dtype,
             options={"num_probes": num_probes},
+            probe=probe,
         )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
         closure = self._require_closure(closure)
         ctx = self._context(self._global["step"] + 1)
-        perturbation = Perturbation(ctx.noise, ctx.slots)
+        perturbation = self._perturbation(ctx)
         if self._wants_ascent(ctx):
             probe_loss = self._ascend(ctx, closure, perturbation)
             if probe_loss is not None:  # skipped: non-finite probe
@@ -131,6 +133,10 @@ class AdaZoSAM(SeededOptimizer):
         inv_norm = 1.0 / math.sqrt(norm_sq) if norm_sq > 0.0 else 0.0
         rhos = [float(s.group["rho"]) for s in slots]
         e = [[rho * cji / q * inv_norm for rho, cji in zip(rhos, cj)] for cj in c]
+        if perturbation.exact:  # nothing was written: the ascent is read where the parameters are used
+            for seed, ej in zip(seeds, e):
+                perturbation.add(seed, ej)
+            return None
         last = q - 1
         # theta is at theta0 - mu z_last: restore it and add eps's last term in one pass.
         ctx.noise.apply_(slots, seeds[last], [mu + ei for mu, ei in zip(mus, e[last])])

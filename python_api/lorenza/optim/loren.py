@@ -18,9 +18,18 @@ import lorenza_kernels as lk
 from . import _checks
 from ._base import SeededOptimizer
 from ._noise import Slot, seeded_axpby_slots_
+from ._probe import ProbeMode
 from ._seeds import INIT_STEP, probe_seed
 
 __all__ = ["Loren"]
+
+
+def _by_value(indices: Sequence[int], values: Sequence[float]) -> dict[float, list[int]]:
+    """``indices`` grouped by ``values[i]`` (one multi-tensor call per distinct value)."""
+    out: dict[float, list[int]] = {}
+    for i in indices:
+        out.setdefault(values[i], []).append(i)
+    return out
 
 
 class Loren(SeededOptimizer):
@@ -90,9 +99,12 @@ class Loren(SeededOptimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
         state_dtype: torch.dtype | None = torch.float32,
+        probe: str = "exact",
     ) -> None:
         defaults = dict(lr=lr, mu=mu, damping=damping, lr_cov=lr_cov, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(params, defaults, seed=seed, state_dtype=state_dtype, options={"num_queries": num_queries})
+        super().__init__(
+            params, defaults, seed=seed, state_dtype=state_dtype, options={"num_queries": num_queries}, probe=probe
+        )
 
     def _init_states(self, slots: Sequence[Slot]) -> list[dict]:
         """The slots' states; the new ones get ``a = gaussian(n, probe_seed(seed, 0, 0), stream)``
@@ -122,6 +134,21 @@ class Loren(SeededOptimizer):
         if not slots:
             return torch.zeros(0), []
         return lk.seeded_loren_stats([s.param.detach() for s in slots], seed, rows, streams=[s.stream for s in slots])
+
+    @staticmethod
+    def _materializer(slots, seed: int, mus, c, p, rows):
+        """``make(param)``: a copy of the parameter plus ``mu S(a) u`` of this query (exact probes)."""
+        index = {id(s.param): i for i, s in enumerate(slots)}
+
+        def make(param: torch.Tensor) -> torch.Tensor:
+            i = index[id(param)]
+            out = param.detach().clone(memory_format=torch.contiguous_format)
+            seeded_axpby_slots_(
+                [out], [slots[i].stream], seed, [mus[i]], 1.0, row_vectors=[rows[i]], gamma=[-mus[i] * c[i] * p[i]]
+            )
+            return out
+
+        return make
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
@@ -160,9 +187,14 @@ class Loren(SeededOptimizer):
             )  # fmt: skip
 
         everyone = list(range(n))
+        exact = self.probe == "exact"
         losses, applied = [], None
         try:
             for k in range(K):
+                if exact:  # the parameters are never written: read perturbed where they are used
+                    with ProbeMode([s.param for s in slots], self._materializer(slots, seeds[k], mus, c, p[k], rows)):
+                        losses.append(self._probe_loss(closure))
+                    continue
                 apply(everyone, k, mus)
                 applied = k
                 losses.append(self._probe_loss(closure))
@@ -176,7 +208,8 @@ class Loren(SeededOptimizer):
         f, _ = self._reduce(losses)
         mean_loss = torch.tensor(sum(f) / K)
         if not all(math.isfinite(v) for v in f):
-            apply(everyone, K - 1, [-mu for mu in mus])
+            if not exact:
+                apply(everyone, K - 1, [-mu for mu in mus])
             self._skip(f"non-finite loss in a query ({f})")
             self._global["step"] = t
             return mean_loss
@@ -190,23 +223,29 @@ class Loren(SeededOptimizer):
         vectors = [i for i in everyone if slots[i].param.dim() < 2]
         is_vec = [slots[i].param.dim() < 2 for i in everyone]
 
-        # Restore the last query, decay, and (vectors) the last query's term: one pass.
         last = K - 1
-        apply(
-            everyone, last, [-decay[i] * mus[i] - (lrs[i] * w[last][i] if is_vec[i] else 0.0) for i in everyone], decay
-        )
-        for k in range(last):
-            if vectors:
-                apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors])
+        if exact:
+            # Vectors: X <- X (1 - lr wd) - lr g, the decay in the first query's pass.
+            for k in range(K):
+                if vectors:
+                    first = [decay[i] for i in vectors] if k == 0 else 1.0
+                    apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors], first)
+            decayed = [i for i in matrices if decay[i] != 1.0]
+            for dk, members in _by_value(decayed, decay).items():
+                torch._foreach_mul_([slots[i].param for i in members], dk)
+        else:
+            # Restore the last query, decay, and (vectors) the last query's term: one pass.
+            restore = [-decay[i] * mus[i] - (lrs[i] * w[last][i] if is_vec[i] else 0.0) for i in everyone]
+            apply(everyone, last, restore, decay)
+            for k in range(last):
+                if vectors:
+                    apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors])
         if matrices:
             bufs = [st.get("momentum_buffer") for st in states]
             for k in range(K):
                 beta = [float(slots[i].group["momentum"]) for i in matrices] if k == 0 else 1.0
                 apply(matrices, k, [w[k][i] for i in matrices], beta, on=bufs)
-            by_lr: dict[float, list[int]] = {}
-            for i in matrices:
-                by_lr.setdefault(lrs[i], []).append(i)
-            for lr, members in by_lr.items():  # one call per learning rate, no temporary
+            for lr, members in _by_value(matrices, lrs).items():  # one call per learning rate, no temporary
                 torch._foreach_add_([slots[i].param for i in members], [bufs[i] for i in members], alpha=-lr)
 
         # Covariance: a <- a - lr_cov g_a = a (1 + lr_cov scale) - lr_cov cols, with this step's a, c, p_k.

@@ -91,6 +91,7 @@ class Lorenza(AdaZoSAM):
         svd: str = "randomized",
         seed: int = 0,
         per_layer: bool = False,
+        probe: str = "exact",
     ) -> None:
         _checks.choice("moment_transform", moment_transform, MOMENT_TRANSFORMS)
         for key, value in (("oversample", oversample), ("power_iters", power_iters)):
@@ -105,7 +106,7 @@ class Lorenza(AdaZoSAM):
         _checks.choice("svd", svd, SVDS)
         options = {"num_probes": num_probes, "oversample": oversample, "power_iters": power_iters}
         # AdaZoSAM.__init__ would drop the low-rank keys: go straight to SeededOptimizer's.
-        super(AdaZoSAM, self).__init__(params, defaults, seed=seed, per_layer=per_layer, options=options)
+        super(AdaZoSAM, self).__init__(params, defaults, seed=seed, per_layer=per_layer, options=options, probe=probe)
         self._global.update(moment_transform=moment_transform, svd=svd)
         self._subspace = Subspace(self)
 

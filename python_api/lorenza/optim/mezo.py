@@ -76,9 +76,10 @@ class MeZO(_TwoSidedZO):
         weight_decay: float = 0.0,
         num_probes: int = 1,
         seed: int = 0,
+        probe: str = "exact",
     ) -> None:
         defaults = dict(lr=lr, mu=mu, weight_decay=weight_decay)
-        super().__init__(params, defaults, seed=seed, state_dtype=None, options={"num_probes": num_probes})
+        super().__init__(params, defaults, seed=seed, state_dtype=None, options={"num_probes": num_probes}, probe=probe)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
@@ -89,8 +90,9 @@ class MeZO(_TwoSidedZO):
         lrs = [float(s.group["lr"]) for s in slots]
         decay = [1.0 - lr * float(s.group["weight_decay"]) for lr, s in zip(lrs, slots)]
         last = q - 1
-        # theta is at theta0 - mu z_last: restore and update in one pass.
-        alpha = [b * mu - lr * gi / q for b, mu, lr, gi in zip(decay, mus, lrs, g[last])]
+        # In place, theta is at theta0 - mu z_last: restore and update in one pass (exact: update).
+        at = self.left_at(mus)
+        alpha = [-b * a - lr * gi / q for b, a, lr, gi in zip(decay, at, lrs, g[last])]
         ctx.noise.apply_(slots, seeds[last], alpha, decay)
         for j in range(last):
             ctx.noise.apply_(slots, seeds[j], [-lr * gi / q for lr, gi in zip(lrs, g[j])])
@@ -127,9 +129,12 @@ class MeZOAdam(_TwoSidedZO):
         num_probes: int = 1,
         seed: int = 0,
         state_dtype: torch.dtype | None = torch.float32,
+        probe: str = "exact",
     ) -> None:
         defaults = dict(lr=lr, mu=mu, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, seed=seed, state_dtype=state_dtype, options={"num_probes": num_probes})
+        super().__init__(
+            params, defaults, seed=seed, state_dtype=state_dtype, options={"num_probes": num_probes}, probe=probe
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
@@ -137,7 +142,8 @@ class MeZOAdam(_TwoSidedZO):
         if not ok:
             return loss
         slots, q = ctx.slots, len(seeds)
-        ctx.noise.apply_(slots, seeds[-1], mus)  # back from theta - mu z_last
+        if self.probe == "inplace":
+            ctx.noise.apply_(slots, seeds[-1], mus)  # back from theta - mu z_last
         for idx in buckets(len(slots), [s.param.numel() for s in slots]):
             part = [slots[i] for i in idx]
             grads = self._estimate(part, seeds, [[g[j][s.index] / q for s in part] for j in range(q)])

@@ -1,0 +1,172 @@
+"""Exact probes (``probe="exact"``, the default): the parameters are never written by a probe.
+
+The perturbed value is used where a parameter is read (``lorenza/optim/_probe.py``): same probe
+as the in-place path for the same seed (to the rounding of the one addition), parameters bitwise
+unchanged by any number of probes in every dtype, tied parameters perturbed alike, the ascent of
+AdaZo-SAM/LORENZA restored bitwise with one layer's copy alive at a time."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from _optim_common import MLP, SEED, mlp_closure, mlp_data, noise, params_of, single_thread  # noqa: F401
+from torch import nn
+
+from lorenza.optim import AdaZoSAM, Loren, Lorenza, MeZO, MeZOAdam, _noise, make_closure
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LOW = (torch.bfloat16, torch.float16)
+
+
+def _deep(dtype=torch.float32, width=16, layers=4, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    blocks = []
+    for _ in range(layers):
+        blocks += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*blocks, nn.Linear(width, 1)).to(dtype)
+
+
+def _data(dtype, width=16, n=16):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, width, generator=g)
+    return x.to(dtype), torch.sin(x.sum(1, keepdim=True)).to(dtype)
+
+
+def _closure(model, x, y):
+    return make_closure(lambda: nn.functional.mse_loss(model(x).float(), y.float()))
+
+
+ZO = {
+    "mezo": lambda ps, probe: MeZO(ps, lr=0.0, mu=1e-3, num_probes=2, seed=SEED, probe=probe),
+    "mezo_adam": lambda ps, probe: MeZOAdam(ps, lr=0.0, mu=1e-3, seed=SEED, probe=probe),
+    "loren": lambda ps, probe: Loren(ps, lr=0.0, num_queries=3, lr_cov=0.0, seed=SEED, probe=probe),
+    "adazo_sam": lambda ps, probe: AdaZoSAM(ps, lr=0.0, rho=0.05, mu=1e-3, seed=SEED, probe=probe),
+    "lorenza": lambda ps, probe: Lorenza(ps, lr=0.0, rank=4, update_interval=3, seed=SEED, probe=probe),
+}
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_mezo_lr0_leaves_parameters_bitwise_after_5000_steps(dtype):
+    # The target of docs/algorithms.md "Exact probes": 5,000 steps of probes, nothing moves.
+    model = nn.Linear(32, 4).to(dtype)
+    x = torch.randn(8, 32).to(dtype)
+    before = params_of(model)
+    opt = MeZO(model.parameters(), lr=0.0, mu=1e-3, seed=SEED)
+    closure = make_closure(lambda: model(x).float().square().mean())
+    for _ in range(5000):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", list(ZO))
+def test_lr0_exact_is_bitwise_and_inplace_drifts(name, dtype):
+    # Every probing optimizer, the ascent of AdaZo-SAM and LORENZA included: exact probes leave the
+    # parameters bitwise; the in-place path (the control) random-walks in 16-bit dtypes.
+    x, y = _data(dtype)
+    drift = {}
+    for probe in ("exact", "inplace"):
+        model = _deep(dtype)
+        before = params_of(model)
+        opt = ZO[name](model.parameters(), probe)
+        for _ in range(60):
+            opt.step(_closure(model, x, y))
+        drift[probe] = max((a.float() - b.float()).abs().max().item() for a, b in zip(params_of(model), before))
+    assert drift["exact"] == 0.0
+    assert drift["inplace"] > 0.0  # the test can fail: the in-place path does move the weights
+
+
+@pytest.mark.parametrize("name", list(ZO))
+def test_exact_equals_inplace_in_float32(name):
+    # The same seed gives the same probes on both paths (to the rounding of the additions).
+    x, y = _data(torch.float32)
+    models = {}
+    for probe in ("exact", "inplace"):
+        model = _deep()
+        opt = ZO[name](model.parameters(), probe)
+        for g in opt.param_groups:
+            g["lr"] = 1e-2
+        for _ in range(4):
+            opt.step(_closure(model, x, y))
+        models[probe] = params_of(model)
+    for a, b in zip(models["exact"], models["inplace"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = nn.Embedding(10, 6)
+        self.mid = nn.Linear(6, 6)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.mid(self.emb(tokens)))
+        return h @ self.emb.weight.t()  # the embedding read a second time, as a tied LM head
+
+
+def test_tied_parameter_sees_the_same_noise_at_every_read():
+    model = Tied()
+    tokens = torch.tensor([[1, 4, 7, 2]])
+    target = torch.tensor([4, 7, 2, 9])
+    losses = []
+
+    def loss_fn():
+        loss = nn.functional.cross_entropy(model(tokens)[0], target)
+        losses.append(loss.detach())
+        return loss
+
+    opt = MeZO(model.parameters(), lr=0.0, mu=1e-2, seed=SEED)
+    opt.step(make_closure(loss_fn))
+    # L(theta + mu z) by hand: z of each parameter from its stream (its position in the optimizer).
+    params = list(model.parameters())
+    perturbed = [p.detach() + 1e-2 * noise(p.shape, SEED, 1, 0, s, torch.float32) for s, p in enumerate(params)]
+    emb_w, mid_w, mid_b = perturbed
+    h = torch.tanh(nn.functional.linear(nn.functional.embedding(tokens, emb_w), mid_w, mid_b))
+    want = nn.functional.cross_entropy((h @ emb_w.t())[0], target)
+    assert torch.equal(losses[0], want)
+
+
+def test_raw_memory_reads_are_refused():
+    model = nn.Linear(4, 2)
+    opt = MeZO(model.parameters(), lr=1e-2, seed=SEED)
+    before = params_of(model)
+    with pytest.raises(RuntimeError, match="probe='inplace'"):
+        opt.step(make_closure(lambda: model(torch.ones(1, 4)).sum() + model.weight.data_ptr() * 0))
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
+
+
+def test_exact_ascent_keeps_one_copy_alive_at_a_time(monkeypatch):
+    # Forward and backward of the ascent: the perturbed copies are regenerated for the backward
+    # pass (saved-tensor hooks), so at most one layer's copies (weight, bias) are alive at once.
+    alive, peak = set(), [0]
+    make_real = _noise.Perturbation.materializer
+
+    def counting(self, record=None):
+        make = make_real(self, record)
+
+        def tracked(param):
+            out = make(param)
+            key = id(out)
+            alive.add(key)
+            peak[0] = max(peak[0], len(alive))
+            weakref.finalize(out, alive.discard, key)
+            return out
+
+        return tracked
+
+    monkeypatch.setattr(_noise.Perturbation, "materializer", counting)
+    model = _deep(layers=6)
+    x, y = _data(torch.float32)
+    opt = AdaZoSAM(model.parameters(), lr=1e-2, rho=0.05, seed=SEED)
+    for _ in range(2):
+        opt.step(_closure(model, x, y))
+    assert 1 <= peak[0] <= 3, peak[0]  # 14 parameters: without the hooks all 14 would be kept
+
+
+def test_probe_option_is_checked():
+    with pytest.raises(ValueError, match="probe"):
+        MeZO(nn.Linear(2, 2).parameters(), lr=1e-2, probe="lazy")
