@@ -20,6 +20,7 @@ below the best. Larger models want smaller rates: ``--lr NAME=VALUE``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ class Hyper:
     seed: int = 0
     weight_decay: float = 0.0  # 0 for all: compare optimizers, not regularisers
     lr: dict[str, float] = field(default_factory=dict)
+    #: extra constructor keywords of the optimizers that take them (e.g. {"probe": "inplace"})
+    options: dict = field(default_factory=dict)
 
     def interval(self) -> int:
         return self.update_interval or max(5, min(200, self.steps // 5))
@@ -202,6 +205,10 @@ def build(name: str, model: nn.Module, hp: Hyper | None = None) -> torch.optim.O
         params: list = lowrank_groups(model, hp.rank or default_rank(model), extra)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
+    if hp.options and cls.__module__.startswith("lorenza."):
+        sig = inspect.signature(cls).parameters
+        open_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
+        kwargs.update({k: v for k, v in hp.options.items() if open_kw or k in sig})
     return cls(params, lr=lr, **kwargs)
 
 

@@ -126,6 +126,8 @@ class DenseNoise:
         *,
         out: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        if out is not None and len(out) == 1 and isinstance(beta, float):  # an exact probe's copy
+            return lk.seeded_axpby_(list(out), seed, list(alpha), beta, streams=[slots[0].stream])
         tensors = [s.param for s in slots] if out is None else out
         return seeded_axpby_slots_(tensors, [s.stream for s in slots], seed, alpha, beta)
 

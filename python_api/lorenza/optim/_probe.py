@@ -155,14 +155,22 @@ class ProbeMode(TorchFunctionMode):
             return type(value)(self._swap(v, cache) for v in value)
         return value
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def _reads_tracked(self, values) -> bool:
         tracked = self.tracked
-        hit = any(
-            id(a) in tracked or (isinstance(a, (list, tuple)) and any(id(v) in tracked for v in a))
-            for a in (*args, *kwargs.values())
-        )
-        if not hit or func in _METADATA:
+        for a in values:
+            if id(a) in tracked:
+                return True
+            if type(a) in (list, tuple):
+                for v in a:
+                    if id(v) in tracked:
+                        return True
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Runs for every torch function of the forward pass: the common case (no parameter among
+        # the arguments) returns after one scan.
+        kwargs = kwargs or {}
+        if func in _METADATA or not (self._reads_tracked(args) or (kwargs and self._reads_tracked(kwargs.values()))):
             return func(*args, **kwargs)
         if func in _RAW:
             raise RuntimeError(
