@@ -17,7 +17,7 @@ from ._registry import use_backend
 from ._shapes import MODES, SIDES, matrix_dims, projection_side
 from .projected_adam import moment_transform_, projected_adam_step_, projected_adam_step_batched_
 from .rng import gaussian
-from .rsvd import randomized_range, randomized_range_list, randomized_svd
+from .rsvd import randomized_range, randomized_range_list, randomized_svd, randomized_svd_list
 from .seeded_ops import seeded_axpby_, seeded_colsum, seeded_loren_stats
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "randomized_range",
     "randomized_range_list",
     "randomized_svd",
+    "randomized_svd_list",
     "seeded_axpby_",
     "seeded_colsum",
     "seeded_loren_stats",

@@ -139,6 +139,29 @@ def _per_matrix(value: object, count: int, name: str) -> list:
     return [value] * count
 
 
+def _list_matrices(matrices, ranks) -> tuple[list[torch.Tensor], list[int]]:
+    if isinstance(matrices, torch.Tensor) or not isinstance(matrices, Sequence):
+        raise TypeError(f"matrices: expected a list of tensors, got {type(matrices).__name__}")
+    mats = [_matrix(A, f"matrices[{i}]", exact_dims=2) for i, A in enumerate(matrices)]
+    for i, A in enumerate(mats[1:], start=1):
+        if A.device != mats[0].device:
+            raise ValueError(f"matrices[{i}]: on {A.device}, but matrices[0] is on {mats[0].device}")
+    rank_list = [
+        _rank(r, *A.shape, name=f"ranks[{i}]")
+        for i, (A, r) in enumerate(zip(mats, _per_matrix(ranks, len(mats), "ranks")))
+    ]
+    return mats, rank_list
+
+
+def _list_options(oversample, power_iters, seed, first_stream, streams, max_batch, count) -> tuple:
+    oversample, power_iters, seed64 = _common(oversample, power_iters, seed)
+    all_streams = _checks.stream_list(streams, first_stream, count)
+    _checks.check_streams(all_streams, count)
+    if max_batch is not None:
+        _checks.int_at_least(max_batch, "max_batch", 1)
+    return oversample, power_iters, seed64, all_streams
+
+
 def randomized_range_list(
     matrices: Sequence[torch.Tensor],
     ranks: int | Sequence[int],
@@ -162,47 +185,74 @@ def randomized_range_list(
     is in the list and however it is grouped. This is the one call a LORENZA
     optimizer makes to refresh every layer's subspace.
     """
-    if isinstance(matrices, torch.Tensor) or not isinstance(matrices, Sequence):
-        raise TypeError(f"matrices: expected a list of tensors, got {type(matrices).__name__}")
-    mats = [_matrix(A, f"matrices[{i}]", exact_dims=2) for i, A in enumerate(matrices)]
-    for i, A in enumerate(mats[1:], start=1):
-        if A.device != mats[0].device:
-            raise ValueError(f"matrices[{i}]: on {A.device}, but matrices[0] is on {mats[0].device}")
-    rank_list = [
-        _rank(r, *A.shape, name=f"ranks[{i}]")
-        for i, (A, r) in enumerate(zip(mats, _per_matrix(ranks, len(mats), "ranks")))
-    ]
+    mats, rank_list = _list_matrices(matrices, ranks)
     side_list = [
         _side(s, *A.shape, name=f"sides[{i}]")
         for i, (A, s) in enumerate(zip(mats, _per_matrix(sides, len(mats), "sides")))
     ]
-    oversample, power_iters, seed64 = _common(oversample, power_iters, seed)
-    all_streams = _checks.stream_list(streams, first_stream, len(mats))
-    _checks.check_streams(all_streams, len(mats))
-    if max_batch is not None:
-        _checks.int_at_least(max_batch, "max_batch", 1)
+    oversample, power_iters, seed64, all_streams = _list_options(
+        oversample, power_iters, seed, first_stream, streams, max_batch, len(mats)
+    )
+    views = [A if side == "right" else A.mT for A, side in zip(mats, side_list)]
+    # the op returns the right basis of what it is given: A's for "right", A^T's (= A's left) for "left"
+    return _grouped(views, rank_list, all_streams, max_batch, lambda B, r, st: list(
+        _ops.randomized_range(B, r, oversample, power_iters, seed64, st).unbind(0)
+    ))  # fmt: skip
 
+
+def _grouped(views, ranks, streams, max_batch, run) -> list:
+    """``run(batch, rank, streams)`` per group of same (shape, dtype, rank) views, at most
+    ``max_batch`` at a time; results (one per member) back in input order."""
     groups: dict[tuple, list[int]] = {}
-    for i, A in enumerate(mats):
-        groups.setdefault((tuple(A.shape), A.dtype, side_list[i], rank_list[i]), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(mats)
-    for (_, _, side, rank), positions in groups.items():
+    for i, A in enumerate(views):
+        groups.setdefault((tuple(A.shape), A.dtype, ranks[i]), []).append(i)
+    out: list = [None] * len(views)
+    for (shape, _, rank), positions in groups.items():
         step = max_batch or len(positions)
         for s in range(0, len(positions), step):
             chunk = positions[s : s + step]
             if len(chunk) == 1:
-                batch = mats[chunk[0]].unsqueeze(0)  # a view: no copy for a lone matrix
+                batch = views[chunk[0]].unsqueeze(0)  # a view: no copy for a lone matrix
             else:
                 # one copy, straight to float32 (the op would upcast a stacked bf16 copy again)
-                batch = torch.empty((len(chunk), *mats[chunk[0]].shape), dtype=torch.float32, device=mats[0].device)
+                batch = torch.empty((len(chunk), *shape), dtype=torch.float32, device=views[0].device)
                 for j, i in enumerate(chunk):
-                    batch[j].copy_(mats[i])
-            view = batch if side == "right" else batch.mT
-            streams = [all_streams[i] for i in chunk]
+                    batch[j].copy_(views[i])
             try:
-                Q = _ops.randomized_range(view, rank, oversample, power_iters, seed64, streams)
+                results = run(batch, rank, [streams[i] for i in chunk])
             except NonFiniteError as err:  # name the matrix as the caller knows it
                 raise ValueError(f"matrices[{chunk[err.member]}]: contains NaN or Inf") from None
             for j, i in enumerate(chunk):
-                out[i] = Q[j]
-    return out  # type: ignore[return-value]
+                out[i] = results[j]
+    return out
+
+
+def randomized_svd_list(
+    matrices: Sequence[torch.Tensor],
+    ranks: int | Sequence[int],
+    *,
+    oversample: int = 8,
+    power_iters: int = 1,
+    seed: int = 0,
+    first_stream: int = 0,
+    streams: Sequence[int] | None = None,
+    max_batch: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`randomized_svd` of every matrix of a list of mixed shapes: ``[(U, S, Vh), ...]`` in input order.
+
+    ``matrices[i]`` (2-D, any strides: pass ``A.mT`` to have the accurate side on the left) gets
+    ``ranks[i]`` and the sketch stream ``streams[i]`` (default ``first_stream + i``); grouped and
+    batched as :func:`randomized_range_list`, so the result for a matrix does not depend on the
+    list around it. ``Vh`` is the more accurate side (half a power iteration ahead of ``U``); both
+    have orthonormal rows/columns; float32.
+    """
+    mats, rank_list = _list_matrices(matrices, ranks)
+    oversample, power_iters, seed64, all_streams = _list_options(
+        oversample, power_iters, seed, first_stream, streams, max_batch, len(mats)
+    )
+
+    def run(batch, rank, st):
+        U, S, Vh = _ops.randomized_svd(batch, rank, oversample, power_iters, seed64, st)
+        return list(zip(U.unbind(0), S.unbind(0), Vh.unbind(0)))
+
+    return _grouped(mats, rank_list, all_streams, max_batch, run)

@@ -1,5 +1,6 @@
 """Lorenza and Lorenza+ against an independent float64 implementation of docs/algorithms.md's formula:
-subspace probes P = Q U / U Q^T with U materialised from lorenza_kernels.gaussian and probe_seed,
+probes P = U_r diag(u) V_r^T (the gradient's singular vectors, u: r numbers; the default) or P = Q U /
+U Q^T (probe_space="subspace"), the noise materialised from lorenza_kernels.gaussian and probe_seed,
 the rho-normalised ascent over all parameters, refreshes from the exact SVD of the step's gradient,
 every moment transform, the residual term, both sides, 1 and 3 probes."""
 
@@ -74,7 +75,8 @@ def _run(cls, q, transform, residual, steps=7, **extra):
     shapes = [SHAPES[i] for i in ORDER]
     theta = [problem.init[i].float().double() for i in ORDER]
     lays = [_layout(sh, _hp(s)["rank"]) for s, sh in enumerate(shapes)]
-    st = [dict(Q=None, M=None, V=None, step=0, updates=0) for _ in shapes]
+    st = [dict(Q=None, F=None, M=None, V=None, step=0, updates=0) for _ in shapes]
+    singular = opt._global["probe_space"] == "singular"
 
     def loss(ps):
         return problem.loss([ps[ORDER.index(i)] for i in range(len(ps))])
@@ -90,14 +92,19 @@ def _run(cls, q, transform, residual, steps=7, **extra):
                     if lay is None:
                         z = noise(sh, SEED, t, j, s)
                         Pj.append((z, z))
-                    else:
+                    elif singular:  # P = U_r diag(u) V_r^T, u: r numbers; ||P|| = ||u||
+                        m, n, side, r = lay
+                        u = noise((r,), SEED, t, j, s)
+                        Ur, Vr = (st[s]["F"], st[s]["Q"]) if side == "right" else (st[s]["Q"], st[s]["F"])
+                        Pj.append((u, ((Ur * u) @ Vr.t()).reshape(sh)))
+                    else:  # P = Q U (left) or U Q^T (right), U of R's shape; ||P|| = ||U||
                         m, n, side, r = lay
                         U = noise((m, r) if side == "right" else (r, n), SEED, t, j, s)
                         Pj.append((U, _lift(st[s]["Q"], U, side).reshape(sh)))
                 lp = loss([x + _hp(s)["mu"] * p for s, (x, (_, p)) in enumerate(zip(theta, Pj))])
                 lm = loss([x - _hp(s)["mu"] * p for s, (x, (_, p)) in enumerate(zip(theta, Pj))])
                 cj = [float(lp - lm) / (2 * _hp(s)["mu"]) for s in range(len(shapes))]
-                norm2 += sum(cj[s] ** 2 * float(u.square().sum()) for s, (u, _) in enumerate(Pj))  # ||P|| = ||U||
+                norm2 += sum(cj[s] ** 2 * float(u.square().sum()) for s, (u, _) in enumerate(Pj))
                 c.append(cj)
                 P.append([p for _, p in Pj])
             norm = math.sqrt(norm2 / q**2)
@@ -113,7 +120,11 @@ def _run(cls, q, transform, residual, steps=7, **extra):
                 m, n, side, r = lay
                 G = g.reshape(m, n)
                 if S["updates"] % hp["update_interval"] == 0:
-                    Qn = _svd_basis(G, lay, opt.state[params[ORDER[s]]]["proj"].double())
+                    ost = opt.state[params[ORDER[s]]]
+                    Qn = _svd_basis(G, lay, ost["proj"].double())
+                    if singular:  # the other side's singular vectors, signs as the optimizer's
+                        S["F"] = _svd_basis(G, (*lay[:2], "left" if side == "right" else "right", lay[3]),
+                                            ost["factor"].double())  # fmt: skip
                     if S["Q"] is not None and transform == "rotate":
                         O = Qn.t() @ S["Q"]  # noqa: E741 - the O of docs/algorithms.md
                         if side == "left":
@@ -154,11 +165,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("probe_space", ["singular", "subspace"])
 @pytest.mark.parametrize("probe", ["exact", "inplace"])
 @pytest.mark.parametrize("transform, q, residual", CASES, ids=[f"{a}-q{b}-rs{c}" for a, b, c in CASES])
-def test_lorenza_matches_formula(transform, q, residual, probe):
+def test_lorenza_matches_formula(transform, q, residual, probe, probe_space):
     cls = Lorenza if not residual else LorenzaPlus
-    opt, params, st = _run(cls, q, transform, residual, probe=probe)
+    opt, params, st = _run(cls, q, transform, residual, probe=probe, probe_space=probe_space)
     a, b = opt.state[params[0]], opt.state[params[1]]
     assert a["proj"].shape == (6, 2) and a["exp_avg"].shape == (8, 2)  # right side
     assert b["proj"].shape == (5, 3) and b["exp_avg"].shape == (3, 9)  # left side

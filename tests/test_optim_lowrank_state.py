@@ -222,8 +222,9 @@ def test_lr_scheduler_drives_the_step():
 
 
 def test_state_bytes_match_the_memory_table():
-    """docs/algorithms.md: Q + 2 r max(m, n) per projected matrix (float32), AdamW's 2 x params for the
-    rest; no state tensor of a projected matrix has m x n elements."""
+    """docs/algorithms.md: Q + 2 r max(m, n) per projected matrix (float32; LORENZA's singular probes add
+    the other side's r max(m, n) singular vectors), AdamW's 2 x params for the rest; no state tensor of a
+    projected matrix has m x n elements."""
     x, y = _data()
     for name in ("lorenza", "galore", "lorenza_per_layer"):
         model = Deep(seed=10)
@@ -237,8 +238,13 @@ def test_state_bytes_match_the_memory_table():
             m, n = p.shape[0], math.prod(p.shape[1:]) if p.dim() > 1 else 1
             if p.dim() == 2 and min(m, n) > LOW["rank"]:
                 r = LOW["rank"]
-                expected += 4 * (min(m, n) * r + 2 * r * max(m, n))
-                assert set(opt.state[p]) == {"step", "updates", "refreshes", "proj", "exp_avg", "exp_avg_sq"}
+                keys = {"step", "updates", "refreshes", "proj", "exp_avg", "exp_avg_sq"}
+                if name.startswith("lorenza"):  # the paper's probes: the other side's singular vectors
+                    expected += 4 * (min(m, n) * r + 3 * r * max(m, n))
+                    keys.add("factor")
+                else:
+                    expected += 4 * (min(m, n) * r + 2 * r * max(m, n))
+                assert set(opt.state[p]) == keys
                 assert all(v.numel() < p.numel() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
             else:
                 expected += 4 * 2 * p.numel()

@@ -408,3 +408,19 @@ def test_compiles_fullgraph():
 
     A = torch.randn(2, 30, 20)
     torch.testing.assert_close(torch.compile(basis, fullgraph=True, backend="aot_eager")(A), basis(A))
+
+
+def test_svd_list_matches_single_calls_whatever_the_grouping():
+    g = torch.Generator().manual_seed(5)
+    mats = [torch.randn(20, 12, generator=g), torch.randn(9, 15, generator=g).mT, torch.randn(20, 12, generator=g)]
+    mats.append(torch.randn(20, 12, generator=g).to(torch.bfloat16))
+    ranks, streams = [3, 4, 3, 2], [7, 0, 3, (1 << 32) - 1]
+    got = lk.randomized_svd_list(mats, ranks, seed=11, streams=streams, max_batch=2)
+    for (U, S, Vh), A, r, s in zip(got, mats, ranks, streams):
+        u, sv, vh = lk.randomized_svd(A, r, seed=11, first_stream=s)
+        torch.testing.assert_close(U, u, atol=1e-5, rtol=0)
+        torch.testing.assert_close(S, sv, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(Vh, vh, atol=1e-5, rtol=0)
+        assert U.shape == (A.shape[0], r) and Vh.shape == (r, A.shape[1])
+    with pytest.raises(ValueError, match=r"matrices\[1\]"):
+        lk.randomized_svd_list([mats[0], torch.full((4, 4), float("nan"))], 2)

@@ -24,6 +24,7 @@ transform one ``moment_transform_`` call per side.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,16 @@ from ._functional import buckets
 from ._noise import DenseNoise, Slot, seeded_axpby_slots_
 from ._seeds import RESERVED_PROBE_BASE, probe_seed
 
-__all__ = ["Layout", "MOMENT_TRANSFORMS", "SVDS", "Subspace", "SubspaceNoise", "SubspacePlan", "refresh_bases"]
+__all__ = [
+    "Layout",
+    "MOMENT_TRANSFORMS",
+    "PROBE_SPACES",
+    "SVDS",
+    "Subspace",
+    "SubspaceNoise",
+    "SubspacePlan",
+    "refresh_bases",
+]
 
 SVDS = ("exact", "randomized")
 MOMENT_TRANSFORMS = lk.MODES  # "rotate", "keep", "reset"
@@ -98,23 +108,37 @@ def refresh_bases(
     streams: Sequence[int],
     oversample: int = 8,
     power_iters: int = 1,
-) -> list[torch.Tensor]:
+    factors: bool = False,
+) -> list:
     """Orthonormal float32 bases (``d x r``, contiguous) of the dominant subspaces, in input order.
 
     ``svd="exact"``: ``torch.linalg.svd`` of the float32 matrix, truncated: exactly GaLore's
     ``get_orthogonal_matrix`` (https://github.com/jiaweizzhao/GaLore, same call, same input, same
     LAPACK signs), so GaLore-AdamW reproduces galore-torch. ``svd="randomized"``: the batched
-    randomized SVD, all matrices in one ``lorenza_kernels.randomized_range_list`` call, matrix ``i``
-    sketched from stream ``streams[i]`` of ``seed``.
+    randomized SVD, all matrices in one ``lorenza_kernels`` call, matrix ``i`` sketched from stream
+    ``streams[i]`` of ``seed``.
+
+    With ``factors=True`` each entry is ``(Q, F)``: ``F`` the singular vectors of the other side
+    (``m x r`` when ``Q`` is the right basis, ``n x r`` for the left), so that ``G_r = U S V^T`` has
+    ``{U, V} = {Q, F}``: what LORENZA's probes ``U diag(u) V^T`` need. The randomized path then runs
+    the batched randomized SVD of ``G`` (right side) or ``G^T`` (left side), so that ``Q`` is always
+    the more accurate side of the sketch, as ``randomized_range`` makes it.
     """
     if svd == "exact":
         out = []
         for A, r, side in zip(matrices, ranks, sides):
             U, _, Vh = torch.linalg.svd(A if A.dtype == torch.float32 else A.float(), full_matrices=False)
-            out.append((U[:, :r] if side == "left" else Vh[:r].t()).contiguous())
+            Q = (U[:, :r] if side == "left" else Vh[:r].t()).contiguous()
+            out.append((Q, (Vh[:r].t() if side == "left" else U[:, :r]).contiguous()) if factors else Q)
         return out
     if not matrices:
         return []
+    if factors:
+        views = [A if side == "right" else A.mT for A, side in zip(matrices, sides)]
+        svds = lk.randomized_svd_list(
+            views, list(ranks), oversample=oversample, power_iters=power_iters, seed=seed, streams=list(streams)
+        )
+        return [(Vh.t().contiguous(), U.contiguous()) for U, _, Vh in svds]
     bases = lk.randomized_range_list(
         list(matrices), list(ranks), sides=list(sides), oversample=oversample, power_iters=power_iters, seed=seed,
         streams=list(streams),
@@ -159,9 +183,6 @@ class Subspace:
         seed = probe_seed(opt.seed, step, RESERVED_PROBE_BASE)
         return SubspacePlan(step, seed, layouts, {i: k for k, i in enumerate(due)})
 
-    def has_basis(self, slot: Slot) -> bool:
-        return "proj" in self._owner().state.get(slot.param, {})
-
     # --- the update -------------------------------------------------------------------------------
 
     def update(
@@ -172,6 +193,7 @@ class Subspace:
         *,
         moment_transform: str,
         adam_scalars: Callable[[dict, int], tuple[float, float]],
+        factors: bool = False,
     ) -> None:
         """Refresh the due bases of ``slots`` (one SVD call), carry their moments, then one projected
         Adam call per bucket of same-shape layers. ``adam_scalars(group, step)`` gives ``(eps, scale)``."""
@@ -184,7 +206,7 @@ class Subspace:
                 [grads[k].reshape(lo.m, lo.n) for k, lo in zip(due, lays)], [lo.rank for lo in lays],
                 [lo.side for lo in lays], svd=glob["svd"], seed=plan.seed,
                 streams=[plan.position[slots[k].index] for k in due], oversample=glob.get("oversample", 8),
-                power_iters=glob.get("power_iters", 1),
+                power_iters=glob.get("power_iters", 1), factors=factors,
             )  # fmt: skip
             self._install(opt.state, [slots[k] for k in due], lays, bases, moment_transform)
         buckets: dict[tuple, list[int]] = {}
@@ -204,6 +226,8 @@ class Subspace:
         carry: dict[str, list[tuple]] = {}
         for slot, lay, Q in zip(slots, lays, bases):
             st = state[slot.param]
+            if isinstance(Q, tuple):  # (basis, the other side's singular vectors)
+                Q, st["factor"] = Q
             if "proj" not in st:
                 st["step"], st["updates"], st["refreshes"] = 0, 0, 0
                 st["exp_avg"] = torch.zeros(lay.moment_shape, dtype=torch.float32, device=slot.param.device)
@@ -241,20 +265,30 @@ class Subspace:
         return sum(v.numel() * v.element_size() for v in tensors)
 
 
-class SubspaceNoise:
-    """LORENZA's probes: dense slots as :class:`~lorenza.optim._noise.DenseNoise`; a slot with a basis
-    gets ``W <- beta W + alpha Q U`` (left) or ``alpha U Q^T`` (right), ``U`` of ``R``'s shape from
-    ``(seed, stream)``; a projected slot without a basis yet is not probed (``||P||^2 = 0``).
+#: LORENZA's probe spaces: "singular" (the paper's, P = U diag(u) V^T with the gradient's
+#: leading singular vectors) and "subspace" (P = Q U with U of R's shape).
+PROBE_SPACES = ("singular", "subspace")
 
-    The ``U`` of one application come from one ``seeded_axpby_`` call per bucket of matrices
-    (``_functional.BUCKET_NUMEL`` elements of ``U``: one bucket up to billions of parameters at
-    r = 128), which also returns ``||U||^2 = ||P||^2``; each product is an in-place ``addmm_``
-    (never an ``m x n`` temporary), in the parameter's dtype: for bfloat16/float16 parameters
-    ``Q`` and ``U`` are rounded to it.
+
+class SubspaceNoise:
+    """LORENZA's probes: dense slots as :class:`~lorenza.optim._noise.DenseNoise`; a projected slot:
+
+    - ``space="singular"`` (default): ``P = U diag(u) V^T`` with ``U``, ``V`` the rank-``r`` left
+      and right singular vectors of the refresh gradient (the basis ``Q`` is one of them, the state's
+      ``factor`` the other) and ``u`` **r numbers** from ``(seed, stream)``: the probe lies in the
+      span of the gradient's leading rank-one components; ``||P||^2 = ||u||^2``;
+    - ``space="subspace"``: ``P = Q U`` (left) or ``U Q^T`` (right), ``U`` of ``R``'s shape
+      (``r max(m, n)`` numbers); ``||P||^2 = ||U||^2``.
+
+    A projected slot without its factors yet is not probed (``||P||^2 = 0``). The random numbers of
+    one application come from one ``seeded_axpby_`` call per bucket of matrices
+    (``_functional.BUCKET_NUMEL`` numbers), which also returns ``||P||^2``; each product is an
+    in-place rank-``r`` ``addmm_`` (never an ``m x n`` temporary), in the parameter's dtype: for
+    bfloat16/float16 parameters the factors are rounded to it.
     """
 
-    def __init__(self, subspace: Subspace, plan: SubspacePlan):
-        self.subspace, self.plan = subspace, plan
+    def __init__(self, subspace: Subspace, plan: SubspacePlan, space: str = "singular"):
+        self.subspace, self.plan, self.space = subspace, plan, space
 
     def apply_(
         self,
@@ -280,11 +314,13 @@ class SubspaceNoise:
             norms[dense] = sq.to(device)
         state = self.subspace._owner().state
         layouts = self.plan.layouts
-        for part, us, sq in self._noise(slots, projected, seed):
+        for part, noise, sq in self._noise(slots, projected, seed):
             norms[part] = sq.to(device)
-            for k, U in zip(part, us):
+            for k, u in zip(part, noise):
+                st = state[slots[k].param]
                 lay = layouts[slots[k].index]
-                self._apply_one(targets[k], state[slots[k].param]["proj"], U, lay, alphas[k], betas[k])
+                left, right = self._factors(st, lay, u)
+                self._add_product(targets[k], left, right, lay, alphas[k], betas[k])
         return norms
 
     def norms(self, slots: Sequence[Slot], seed: int) -> torch.Tensor:
@@ -299,34 +335,48 @@ class SubspaceNoise:
         return norms
 
     def _split(self, slots: Sequence[Slot]) -> tuple[list[int], list[int]]:
-        """Dense slots, and projected slots that have a basis (the others are not probed)."""
+        """Dense slots, and projected slots that have their factors (the others are not probed)."""
         layouts = self.plan.layouts
+        state = self.subspace._owner().state
+        need = "factor" if self.space == "singular" else "proj"
         dense = [k for k, s in enumerate(slots) if layouts[s.index] is None]
-        projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None and self.subspace.has_basis(s)]
+        projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None and need in state.get(s.param, {})]
         return dense, projected
 
     def _noise(self, slots: Sequence[Slot], projected: list[int], seed: int):
-        """``(positions, U tensors, ||U||^2)`` per bucket of projected slots: one kernel call each."""
+        """``(positions, noise tensors, ||noise||^2)`` per bucket of projected slots: one kernel call
+        each; the noise is ``u`` (r numbers) or ``U`` (``R``'s shape)."""
         layouts = self.plan.layouts
-        shapes = [layouts[slots[k].index].moment_shape for k in projected]
-        for idx in buckets(len(projected), [a * b for a, b in shapes]):
+        if self.space == "singular":
+            shapes = [(layouts[slots[k].index].rank,) for k in projected]
+        else:
+            shapes = [layouts[slots[k].index].moment_shape for k in projected]
+        for idx in buckets(len(projected), [math.prod(sh) for sh in shapes]):
             part = [projected[i] for i in idx]
             us = [torch.empty(shapes[i], dtype=torch.float32, device=slots[projected[i]].param.device) for i in idx]
             sq = seeded_axpby_slots_(us, [slots[k].stream for k in part], seed, 1.0, 0.0)
             yield part, us, sq
 
+    def _factors(self, st: dict, lay: Layout, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, M)`` with ``P = L M^T``: ``L`` is ``m x r``, ``M`` is ``n x r``."""
+        Q = st["proj"]
+        if self.space == "singular":
+            F = st["factor"]
+            # right side: Q = V (n x r), F = U (m x r); left side: Q = U, F = V
+            return (F * u, Q) if lay.side == "right" else (Q * u, F)
+        # P = Q U (left: Q m x r, U r x n) or U Q^T (right: U m x r, Q n x r)
+        return (u, Q) if lay.side == "right" else (Q, u.t())
+
     @staticmethod
-    def _apply_one(
-        param: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, lay: Layout, alpha: float, beta: float
+    def _add_product(
+        target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, lay: Layout, alpha: float, beta: float
     ) -> None:
-        p = param.detach()
+        """``W <- beta W + alpha left right^T`` in place on the ``m x n`` view of ``target``."""
+        p = target.detach()
         work = p if p.is_contiguous() else p.contiguous()
         W = work.view(lay.m, lay.n)
-        if W.dtype != U.dtype:
-            U, Q = U.to(W.dtype), Q.to(W.dtype)
-        if lay.side == "right":
-            W.addmm_(U, Q.t(), beta=beta, alpha=alpha)
-        else:
-            W.addmm_(Q, U, beta=beta, alpha=alpha)
+        if W.dtype != left.dtype:
+            left, right = left.to(W.dtype), right.to(W.dtype)
+        W.addmm_(left, right.t(), beta=beta, alpha=alpha)
         if work is not p:
             p.copy_(work)

@@ -15,7 +15,7 @@ from . import _checks
 from ._adam import adamw_slots_
 from ._base import StepContext
 from ._noise import Slot
-from ._subspace import LOWRANK_GROUP_CHECKS, MOMENT_TRANSFORMS, SVDS, Subspace, SubspaceNoise
+from ._subspace import LOWRANK_GROUP_CHECKS, MOMENT_TRANSFORMS, PROBE_SPACES, SVDS, Subspace, SubspaceNoise
 from .adazo_sam import AdaZoSAM
 
 __all__ = ["Lorenza", "LorenzaPlus"]
@@ -92,8 +92,10 @@ class Lorenza(AdaZoSAM):
         seed: int = 0,
         per_layer: bool = False,
         probe: str = "exact",
+        probe_space: str = "singular",
     ) -> None:
         _checks.choice("moment_transform", moment_transform, MOMENT_TRANSFORMS)
+        _checks.choice("probe_space", probe_space, PROBE_SPACES)
         for key, value in (("oversample", oversample), ("power_iters", power_iters)):
             _checks.int_at_least(key, value, 0)
         _checks.int_at_least("num_probes", num_probes, 1)
@@ -107,7 +109,7 @@ class Lorenza(AdaZoSAM):
         options = {"num_probes": num_probes, "oversample": oversample, "power_iters": power_iters}
         # AdaZoSAM.__init__ would drop the low-rank keys: go straight to SeededOptimizer's.
         super(AdaZoSAM, self).__init__(params, defaults, seed=seed, per_layer=per_layer, options=options, probe=probe)
-        self._global.update(moment_transform=moment_transform, svd=svd)
+        self._global.update(moment_transform=moment_transform, svd=svd, probe_space=probe_space)
         self._subspace = Subspace(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -115,6 +117,10 @@ class Lorenza(AdaZoSAM):
         if isinstance(glob, dict):
             _checks.choice("state_dict['lorenza']['moment_transform']", glob.get("moment_transform"), MOMENT_TRANSFORMS)
             _checks.choice("state_dict['lorenza']['svd']", glob.get("svd"), SVDS)
+            # saved before the option existed: the probes of that time
+            glob = {"probe_space": "subspace", **glob}
+            _checks.choice("state_dict['lorenza']['probe_space']", glob["probe_space"], PROBE_SPACES)
+            state_dict = {**state_dict, "lorenza": glob}
         super().load_state_dict(state_dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -130,7 +136,7 @@ class Lorenza(AdaZoSAM):
     def _context(self, step: int) -> StepContext:
         slots = self._slots()
         plan = self._subspace.plan(slots, step)
-        return StepContext(step, slots, SubspaceNoise(self._subspace, plan), plan)
+        return StepContext(step, slots, SubspaceNoise(self._subspace, plan, self._global["probe_space"]), plan)
 
     def _wants_ascent(self, ctx: StepContext) -> bool:
         # The documented choice: step 1 has no subspace yet; it takes its gradient at theta.
@@ -147,6 +153,7 @@ class Lorenza(AdaZoSAM):
                 ctx.plan, [slots[k] for k in projected], [grads[k] for k in projected],
                 moment_transform=self._global["moment_transform"],
                 adam_scalars=lambda group, step: (float(group["eps"]), float(group["scale"])),
+                factors=self._global["probe_space"] == "singular",
             )  # fmt: skip
 
 
