@@ -1,22 +1,26 @@
 """seeded_linear (docs/kernels.md section 4): F.linear with seeded noise on the weight and bias.
 
 The reference against its definition (a perturbed copy through seeded_axpby_, then F.linear), bitwise
-on the CPU; the op's registration (opcheck, meta and fake tensors, torch.compile) and its errors.
-Inputs, seeds and streams are fresh every run; failures print the seed.
+on the CPU; the Triton kernel (noise generated inside the GEMM) against the reference, under
+``TRITON_INTERPRET=1`` on the CPU (small shapes: the interpreter is slow) or on a CUDA device; the op's
+registration (opcheck, meta and fake tensors, torch.compile) and its errors. Inputs, seeds and streams
+are fresh every run; failures print the seed.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TRITON_INTERPRET, dtype_id
+from conftest import TRITON_INTERPRET, dtype_id, poison_
 
 import lorenza_kernels as lk
 from lorenza_kernels import _ops, _registry
 from lorenza_kernels.reference import seeded_linear as ref
+from lorenza_kernels.reference.rng import gaussian_flat
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -91,7 +95,7 @@ def test_alpha_zero_is_f_linear():
     assert torch.equal(got, F.linear(x, w, b))
 
 
-@pytest.mark.parametrize("impl", ["reference"])
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=pytest.mark.triton_interpret)])
 def test_empty_and_degenerate_shapes(impl):
     if impl == "triton":
         if not TRITON_INTERPRET and not torch.cuda.is_available():
@@ -113,6 +117,184 @@ def test_empty_and_degenerate_shapes(impl):
     lk.seeded_axpby_([b_pert], seed & ((1 << 64) - 1), 0.5, streams=[2])
     torch.testing.assert_close(fn(x0, w0, b6, seed, 1, 2, 0.5), b_pert.expand(3, 6), atol=1e-5, rtol=0)
     assert torch.equal(fn(x0, w0, None, seed, 1, 2, 0.5), torch.zeros(3, 6, device=dev))
+
+
+# --- Triton (TRITON_INTERPRET=1 on the CPU, or a GPU) ---------------------------------------------------
+
+
+@pytest.fixture
+def dev() -> str:
+    """Interpreter on the CPU when TRITON_INTERPRET=1, else the GPU; decided lazily (never at collection)."""
+    if TRITON_INTERPRET:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 (CPU interpreter) or a CUDA device")
+
+
+@pytest.fixture
+def triton_linear(dev):
+    fn = _registry.implementation("seeded_linear", "triton", dev)
+    if fn is None:
+        pytest.skip(f"the Triton backend does not implement seeded_linear on {dev} here")
+    return fn
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """``torch.empty`` returns NaN-filled floating tensors: an output element the kernel forgets to
+    write shows up as NaN."""
+    empty = torch.empty
+
+    def _empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return poison_(t) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", _empty)
+
+
+def _case(name: str, dtype: torch.dtype, dev: str):
+    """(x, weight): shapes that are not multiples of the blocks, in % 4 != 0, one row, 3-D and strided."""
+    r = lambda *s: torch.randn(*s, device=dev).to(dtype)  # noqa: E731
+    if name == "odd":  # M, N, K not multiples of 16; K % 4 == 0 (four normals per Philox call)
+        return r(19, 68), r(37, 68)
+    if name == "k-not-4":  # one Philox call per element, 3-D x
+        return r(5, 3, 33), r(21, 33)
+    if name == "one-row":
+        return r(1, 48), r(40, 48)
+    if name == "strided":  # x (2, 9, 52) whose leading dims do not merge (copied), W transposed
+        return r(9, 2, 52).transpose(0, 1), r(52, 23).t()
+    if name == "x-transposed":  # x (13, 50) with strides (1, 13): any strides, no copy
+        return r(50, 13).t(), r(18, 50)
+    if name == "tiny":  # every dimension below one block
+        return r(3, 5), r(2, 5)
+    raise AssertionError(name)
+
+
+CASES = ["odd", "k-not-4", "one-row", "strided", "x-transposed", "tiny"]
+
+
+def _truth(x, weight, bias, seed, ws, bs, alpha):
+    """float64 y with the float64 stream and unrounded W', b' (to bound each result's own error)."""
+    z = gaussian_flat(weight.numel(), seed, ws, compute_dtype=torch.float64).reshape(weight.shape)
+    w = weight.cpu().double() + alpha * z
+    b = None
+    if bias is not None:
+        b = bias.cpu().double() + alpha * gaussian_flat(bias.numel(), seed, bs, compute_dtype=torch.float64)
+    return F.linear(x.cpu().double(), w, b)
+
+
+def _check(got, want, truth, msg):
+    assert got.shape == want.shape and got.dtype == want.dtype, msg
+    assert not got.isnan().any(), f"{msg}: NaN (an output element was not written)"
+    atol, rtol = TOL[got.dtype]
+    torch.testing.assert_close(got.cpu().float(), want.cpu().float(), atol=atol, rtol=rtol, msg=lambda m: f"{msg}: {m}")
+    if got.dtype != torch.float32 and got.numel():
+        # flash-attention's rule: no worse than twice the reference's own error against float64
+        # (16-bit only: in float32 the GPU's tf32x3 products alone may exceed a tiny reference error).
+        err, err_ref = ((t.cpu().double() - truth).abs().max().item() for t in (got, want))
+        assert err <= 2 * err_ref + 1e-5, f"{msg}: error {err} vs reference {err_ref}"
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference(dev, triton_linear, poisoned_empty, case, dtype, with_bias):
+    x, weight = _case(case, dtype, dev)
+    bias = torch.randn(weight.shape[0], device=dev).to(dtype) if with_bias else None
+    seed = _seed() | (1 << 63)  # the int64 encoding is negative
+    ws, bs = (1 << 32) - 1 - random.randrange(4), (1 << 32) - 5 - random.randrange(4)
+    alpha = random.choice([0.75, -0.5, 1e-3])
+    args = (x, weight, bias, _i64(seed), ws, bs, alpha)
+    got = triton_linear(*args)
+    want = ref.seeded_linear(*args)
+    _check(got, want, _truth(x, weight, bias, seed, ws, bs, alpha), f"{case} seed={seed} alpha={alpha}")
+
+
+@pytest.mark.triton_interpret
+def test_triton_small_seed_and_streams(dev, triton_linear):
+    # Small ints reach Triton as i32 (large ones as i64); the kernel widens both to the same bits.
+    x, weight = _case("odd", torch.float32, dev)
+    bias = torch.randn(weight.shape[0], device=dev)
+    for seed, ws, bs in [(0, 0, 1), (1, 1, 0), (-1, 5, 7), (2**31 - 1, 2**31, 2**31 - 1), (-(2**31), 3, 4)]:
+        args = (x, weight, bias, seed, ws, bs, 0.5)
+        _check(triton_linear(*args), ref.seeded_linear(*args), _truth(*args[:3], seed % 2**64, ws, bs, 0.5), f"{seed}")
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("k", [64, 50], ids=["quad", "per-element"])
+def test_triton_in_kernel_noise_is_the_stream(dev, triton_linear, k):
+    """W = 0, x = I: y = W'^T = (alpha z_W)^T, and with x = 0: y = b' on every row. Every element
+    within docs/rng.md's 1e-5 (times alpha) of the float64 stream."""
+    seed, ws, bs, alpha, n = (1 << 64) - 3, (1 << 32) - 1, 7, 0.5, 36
+    eye, zero_w = torch.eye(k, device=dev), torch.zeros(n, k, device=dev)
+    y = triton_linear(eye, zero_w, None, _i64(seed), ws, 0, alpha)
+    z = gaussian_flat(n * k, seed, ws, compute_dtype=torch.float64).reshape(n, k)
+    torch.testing.assert_close(y.cpu().double(), alpha * z.T, atol=alpha * 1e-5 + 1e-6, rtol=0)
+    b = torch.randn(n, device=dev)
+    y = triton_linear(torch.zeros(3, k, device=dev), zero_w, b, _i64(seed), ws, bs, alpha)
+    zb = gaussian_flat(n, seed, bs, compute_dtype=torch.float64)
+    torch.testing.assert_close(y.cpu().double(), (b.cpu().double() + alpha * zb).expand(3, n), atol=1e-5, rtol=0)
+
+
+@pytest.mark.triton_interpret
+def test_triton_through_the_dispatcher_is_deterministic(dev, triton_linear):
+    x, weight = _case("k-not-4", torch.bfloat16, dev)
+    bias = torch.randn(weight.shape[0], device=dev).to(torch.bfloat16)
+    seed = _seed()
+    direct = triton_linear(x, weight, bias, _i64(seed), 3, 4, 0.25)
+    with lk.use_backend("triton"):
+        assert _registry.active("seeded_linear", dev) == "triton"
+        again = lk.seeded_linear(x, weight, bias, seed=seed, alpha=0.25, weight_stream=3, bias_stream=4)
+    assert torch.equal(direct, again), f"seed={seed}"
+
+
+def test_triton_kernel_compiles_for_sm90():
+    """No GPU here: Triton's own compiler and ptxas lower the kernel for sm_90 (wgmma tensor cores)
+    at the tiles the launcher picks for a 7B-model layer, for 16-bit and float32 operands."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia import compiler as _nv  # noqa: F401
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"this Triton cannot compile for NVIDIA GPUs: {e}")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "ptxas")):
+        pytest.skip("no ptxas shipped with this Triton")
+    from lorenza_kernels.triton import seeded_linear as tsl
+
+    kern = tsl._seeded_linear_kernel
+    strides = ["stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_b", "stride_ym", "stride_yn"]
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        cfg = _gpu_config(tsl, 4096, 4096, 4096, dtype)
+        # fusion as on a launch (Triton 3.9's default), stated to keep its warning quiet
+        opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")} | {"enable_fp_fusion": True}
+        sig = {p: f"*{name}" for p in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
+        sig.update(seed="i64", w_stream="i64", b_stream="i64", alpha="fp32", M="i32", N="i32", K="i32")
+        sig.update({s: "i32" for s in strides})
+        for quad in (True, False):
+            consts = dict(HAS_BIAS=True, QUAD=quad, LOW_DOT=dtype != torch.float32, PREC=tsl.FP32_PRECISION)
+            consts.update(RNE_BY_HAND=False, **cfg)
+            src = ASTSource(
+                fn=kern,
+                signature={**sig, **{k: "constexpr" for k in consts}},
+                constexprs={(kern.arg_names.index(k),): v for k, v in consts.items()},
+            )
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+            assert "wgmma" in compiled.asm["ptx"], (name, quad)
+            assert compiled.asm["cubin"], (name, quad)
+
+
+def _gpu_config(tsl, M, N, K, dtype):
+    """``config`` as it is on a GPU (this process may run the interpreter)."""
+    interpret = tsl.INTERPRET
+    tsl.INTERPRET = False
+    try:
+        return tsl.config(M, N, K, dtype)
+    finally:
+        tsl.INTERPRET = interpret
 
 
 # --- the op: registration, tracing, errors ------------------------------------------------------------
@@ -186,7 +368,7 @@ def test_bad_input_public(case):
         lk.seeded_linear(*args, **{**kw, **extra})
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton_interpret)])
 def test_bad_input_direct(backend):
     # torch.ops callers get the same validator, in front of every backend's kernel (CPU tensors).
     if backend == "triton" and _registry.implementation("seeded_linear", "triton", "cpu") is None:
