@@ -18,6 +18,7 @@ from ._shapes import MODES, SIDES, matrix_dims, projection_side
 from .projected_adam import moment_transform_, projected_adam_step_, projected_adam_step_batched_
 from .rng import gaussian
 from .rsvd import randomized_range, randomized_range_list, randomized_svd, randomized_svd_list
+from .seeded_linear import seeded_linear
 from .seeded_ops import seeded_axpby_, seeded_colsum, seeded_loren_stats
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "randomized_svd_list",
     "seeded_axpby_",
     "seeded_colsum",
+    "seeded_linear",
     "seeded_loren_stats",
     "use_backend",
 ]

@@ -88,6 +88,12 @@ def check_streams(streams: Sequence[int], count: int, name: str = "streams") -> 
             raise ValueError(f"{name}[{k}]: must lie in [0, 2**32), got {s}")
 
 
+def check_stream(stream: int, name: str = "stream") -> None:
+    """One stream: in ``[0, 2^32)``."""
+    if not 0 <= stream < STREAM_LIMIT:
+        raise ValueError(f"{name}: must lie in [0, 2**32), got {stream}")
+
+
 def check_tensor_list(
     tensors: Sequence[torch.Tensor],
     name: str,

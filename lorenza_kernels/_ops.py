@@ -56,6 +56,12 @@ SCHEMAS: dict[str, tuple[str, tuple[int, ...]]] = {
         "(Tensor A, int rank, int oversample, int power_iters, int seed, int[] streams) -> (Tensor, Tensor, Tensor)",
         (),
     ),
+    # docs/kernels.md section 4: a linear layer whose weight (and bias) carry seeded noise, generated
+    # inside the GEMM. bias_stream is ignored when bias is None.
+    "seeded_linear": (
+        "(Tensor x, Tensor weight, Tensor? bias, int seed, int weight_stream, int bias_stream, float alpha) -> Tensor",
+        (),
+    ),
 }
 
 LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -127,6 +133,10 @@ def _fake_randomized_svd(A, rank, oversample, power_iters, seed, streams):
     )
 
 
+def _fake_seeded_linear(x, weight, bias, seed, weight_stream, bias_stream, alpha):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+
+
 _FAKES = {
     "seeded_axpby_": _fake_seeded_axpby_,
     "seeded_colsum": _fake_seeded_colsum,
@@ -135,6 +145,7 @@ _FAKES = {
     "rsvd_sketch": _fake_rsvd_sketch,
     "randomized_range": _fake_randomized_range,
     "randomized_svd": _fake_randomized_svd,
+    "seeded_linear": _fake_seeded_linear,
 }
 
 
@@ -160,3 +171,4 @@ moment_transform_ = torch.ops.lorenza_kernels.moment_transform_.default
 rsvd_sketch = torch.ops.lorenza_kernels.rsvd_sketch.default
 randomized_range = torch.ops.lorenza_kernels.randomized_range.default
 randomized_svd = torch.ops.lorenza_kernels.randomized_svd.default
+seeded_linear = torch.ops.lorenza_kernels.seeded_linear.default

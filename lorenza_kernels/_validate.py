@@ -23,6 +23,7 @@ from ._checks import (
     check_disjoint,
     check_finite_list,
     check_no_grad,
+    check_stream,
     check_streams,
     check_tensor_list,
     dtype_name,
@@ -267,3 +268,40 @@ def randomized_range(A, rank, oversample, power_iters, seed, streams, *, memory=
 
 
 randomized_svd = randomized_range  # same arguments, same rules
+
+
+# --- the seeded linear layer ---------------------------------------------------------------------
+
+
+def seeded_linear(x, weight, bias, seed, weight_stream, bias_stream, alpha, *, memory=True) -> None:
+    # No data-dependent checks (memory): the output is a new tensor, nothing is written in place,
+    # and NaN or Inf in the inputs propagates as in F.linear.
+    for t, nm in ((x, "x"), (weight, "weight"), (bias, "bias")):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm}: expected a tensor, got {type(t).__name__}")
+    _check_dtype(weight, "weight", PERTURB_DTYPES)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D (out_features, in_features) matrix, got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    for t, nm in ((x, "x"), (bias, "bias")):
+        if t is None:
+            continue
+        if t.dtype != weight.dtype:
+            raise TypeError(f"{nm}: dtype {dtype_name(t.dtype)} must equal weight's {dtype_name(weight.dtype)}")
+        if t.device != weight.device:
+            raise ValueError(f"{nm}: on {t.device}, but weight is on {weight.device}")
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"x: expected shape (..., {in_f}) (weight's in_features last), got {tuple(x.shape)}")
+    check_stream(weight_stream, "weight_stream")
+    if bias is not None:
+        if tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias: expected shape ({out_f},) (weight's out_features), got {tuple(bias.shape)}")
+        check_stream(bias_stream, "bias_stream")
+    finite_float(alpha, "alpha")
+    if torch.is_grad_enabled():
+        for t, nm in ((x, "x"), (weight, "weight"), (bias, "bias")):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"{nm}: requires grad, but seeded_linear has no autograd (it evaluates zeroth-order "
+                    "probes); call it under torch.no_grad()"
+                )

@@ -11,4 +11,4 @@ from ._env import AVAILABLE, DEVICE_TYPES, ENABLED, INTERPRET
 __all__ = ["AVAILABLE", "DEVICE_TYPES", "ENABLED", "INTERPRET"]
 
 if ENABLED:
-    from . import projected_adam, rsvd, seeded_ops  # noqa: F401
+    from . import projected_adam, rsvd, seeded_linear, seeded_ops  # noqa: F401
