@@ -170,3 +170,29 @@ def test_exact_ascent_keeps_one_copy_alive_at_a_time(monkeypatch):
 def test_probe_option_is_checked():
     with pytest.raises(ValueError, match="probe"):
         MeZO(nn.Linear(2, 2).parameters(), lr=1e-2, probe="lazy")
+
+
+@pytest.mark.triton_interpret
+def test_fused_linear_probe_equals_the_copy_path():
+    # Where seeded_linear has a fast kernel (Triton: on CUDA, or the interpreter on the CPU), an
+    # exact probe of nn.Linear generates the noise inside the GEMM instead of copying the weight.
+    from conftest import TRITON_INTERPRET
+    from torch.profiler import ProfilerActivity, profile
+
+    import lorenza_kernels as lk
+
+    if not TRITON_INTERPRET:
+        pytest.skip("the Triton kernel runs on the CPU only under TRITON_INTERPRET=1")
+    x, y = _data(torch.float32, width=16, n=8)
+    results = {}
+    for backend in ("reference", "triton"):
+        model = _deep(layers=1)
+        opt = MeZO(model.parameters(), lr=1e-2, mu=1e-3, seed=SEED)
+        with lk.use_backend(backend), profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss = opt.step(_closure(model, x, y))
+        calls = sum(1 for e in prof.events() if e.name == "lorenza_kernels::seeded_linear")
+        results[backend] = (loss, params_of(model), calls)
+    assert results["reference"][2] == 0 and results["triton"][2] == 4  # 2 linears x 2 probes
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results["triton"][1], results["reference"][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

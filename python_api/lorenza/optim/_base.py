@@ -49,6 +49,9 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+import lorenza_kernels as lk
+from lorenza_kernels import _registry
+
 from . import _checks
 from ._backward import GradientPass, LayerPass
 from ._noise import DenseNoise, Noise, Perturbation, Slot
@@ -56,6 +59,31 @@ from ._probe import ProbeMode
 from .closure import as_loss
 
 __all__ = ["SeededOptimizer", "StepContext"]
+
+
+def _fused_linear(ctx: StepContext, seed: int, alphas: Sequence[float]) -> Callable | None:
+    """``F.linear`` of a perturbed weight through ``lorenza_kernels.seeded_linear`` (noise generated
+    inside the GEMM), where that op has a fast kernel for the weight's device (Triton on CUDA) and
+    the probe is one dense term with one ``alpha`` for weight and bias; None otherwise (the
+    perturbed copy is made instead)."""
+    if not isinstance(ctx.noise, DenseNoise):
+        return None
+    slots = {id(s.param): s for s in ctx.slots}
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if _registry.active("seeded_linear", weight.device.type) == "reference" or x.dtype != weight.dtype:
+            return None
+        w = slots[id(weight)]
+        b = slots.get(id(bias)) if bias is not None else None
+        if w.param.dim() != 2 or (b is not None and alphas[b.index] != alphas[w.index]):
+            return None
+        return lk.seeded_linear(
+            x, weight.detach(), None if bias is None else bias.detach(), seed=seed, alpha=alphas[w.index],
+            weight_stream=w.stream, bias_stream=None if b is None else b.stream,
+        )  # fmt: skip
+
+    return linear
+
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the seeded kernels write these
 PROBES = ("exact", "inplace")
@@ -301,10 +329,16 @@ class SeededOptimizer(torch.optim.Optimizer):
         return Perturbation(ctx.noise, ctx.slots, exact=self.probe == "exact")
 
     def _two_sided_probes(
-        self, ctx: StepContext, closure: Callable[[], Any], seeds: Sequence[int], mus: Sequence[float]
+        self,
+        ctx: StepContext,
+        closure: Callable[[], Any],
+        seeds: Sequence[int],
+        mus: Sequence[float],
+        need_norms: bool = True,
     ) -> tuple[list[float], list[list[float]], bool]:
         """``(losses, norms, ok)``: ``[L(p + mu P_0), L(p - mu P_0), L(p + mu P_1), ...]`` (rank-averaged),
-        ``||P_j||^2`` per probe and slot, and whether every loss is finite.
+        ``||P_j||^2`` per probe and slot (zeros when not ``need_norms``: exact probes may then skip
+        their computation), and whether every loss is finite.
 
         ``probe="exact"``: the parameters are never written (the losses are evaluated inside a
         :class:`~lorenza.optim._probe.ProbeMode`). ``probe="inplace"``: when ``ok``, the parameters
@@ -313,7 +347,7 @@ class SeededOptimizer(torch.optim.Optimizer):
         the perturbation in place is removed before the exception propagates.
         """
         if self.probe == "exact":
-            return self._exact_probes(ctx, closure, seeds, mus)
+            return self._exact_probes(ctx, closure, seeds, mus, need_norms)
         slots, noise = ctx.slots, ctx.noise
         losses: list[torch.Tensor] = []
         norms: list[torch.Tensor] = []
@@ -340,7 +374,12 @@ class SeededOptimizer(torch.optim.Optimizer):
         return vals, norms_per_probe, ok
 
     def _exact_probes(
-        self, ctx: StepContext, closure: Callable[[], Any], seeds: Sequence[int], mus: Sequence[float]
+        self,
+        ctx: StepContext,
+        closure: Callable[[], Any],
+        seeds: Sequence[int],
+        mus: Sequence[float],
+        need_norms: bool = True,
     ) -> tuple[list[float], list[list[float]], bool]:
         slots = ctx.slots
         losses: list[torch.Tensor] = []
@@ -348,11 +387,16 @@ class SeededOptimizer(torch.optim.Optimizer):
         for seed in seeds:
             recorded: dict[int, torch.Tensor] = {}
             for sign in (1.0, -1.0):
+                alphas = [sign * m for m in mus]
                 probe = Perturbation(ctx.noise, slots, exact=True)
-                probe.add(seed, [sign * m for m in mus])
-                mode = ProbeMode([s.param for s in slots], probe.materializer(recorded if sign > 0 else None))
-                with mode:
+                probe.add(seed, alphas)
+                make = probe.materializer(recorded if sign > 0 else None)
+                linear = _fused_linear(ctx, seed, alphas)
+                with ProbeMode([s.param for s in slots], make, linear=linear):
                     losses.append(self._probe_loss(closure))
+            if not need_norms:
+                norms.append(torch.zeros(len(slots)))
+                continue
             missing = [s for s in slots if s.index not in recorded]
             if missing:  # parameters the loss did not read, or a fused kernel read: norms from the stream
                 for s, sq in zip(missing, ctx.noise.norms(missing, seed)):

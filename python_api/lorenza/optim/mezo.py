@@ -36,7 +36,7 @@ class _TwoSidedZO(SeededOptimizer):
         q = self._global["num_probes"]
         seeds = [probe_seed(self.seed, ctx.step, j) for j in range(q)]
         mus = [float(s.group["mu"]) for s in ctx.slots]
-        losses, _, ok = self._two_sided_probes(ctx, closure, seeds, mus)
+        losses, _, ok = self._two_sided_probes(ctx, closure, seeds, mus, need_norms=False)
         self._global["step"] = ctx.step
         # g[j][i]: the projected gradient of probe j, per slot (a group's mu scales its directions).
         g = [[(losses[2 * j] - losses[2 * j + 1]) / (2.0 * mu) for mu in mus] for j in range(q)]
