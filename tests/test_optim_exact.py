@@ -196,3 +196,33 @@ def test_fused_linear_probe_equals_the_copy_path():
     torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=1e-6, rtol=1e-5)
     for a, b in zip(results["triton"][1], results["reference"][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("probe", ["exact", "inplace"])
+def test_adazo_sam_momentum_probe_ascends_along_the_first_moment(probe):
+    # probe_space="momentum": c = (L(theta + mu M) - L(theta - mu M)) / (2 mu) with M Adam's first
+    # moment; the gradient is taken at theta + rho sign(c) M / ||M|| (step 1: M = 0, no ascent).
+    x, y = _data(torch.float32)
+    model = _deep(layers=2)
+    opt = AdaZoSAM(model.parameters(), lr=1e-2, rho=0.05, mu=1e-3, seed=SEED, probe=probe, probe_space="momentum")
+    opt.step(_closure(model, x, y))
+    theta = params_of(model)
+    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    seen, losses = [], []
+
+    def loss_fn():
+        loss = nn.functional.mse_loss(model(x), y)
+        losses.append(float(loss.detach()))
+        if torch.is_grad_enabled():
+            seen.append([p.detach().clone() for p in model.parameters()])  # perturbed, in both paths
+        return loss
+
+    opt.step(make_closure(loss_fn))
+    norm = torch.sqrt(sum(m.square().sum() for m in moments))
+    sign = 1.0 if losses[0] > losses[1] else -1.0
+    for got, t, m in zip(seen[0], theta, moments):
+        torch.testing.assert_close(got - t, 0.05 * sign * m / norm, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="num_probes"):
+        AdaZoSAM(model.parameters(), probe_space="momentum", num_probes=2)
+    with pytest.raises(ValueError, match="probe_space"):
+        AdaZoSAM(model.parameters(), probe_space="singular")

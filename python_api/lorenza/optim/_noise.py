@@ -24,7 +24,7 @@ import lorenza_kernels as lk
 
 from ._probe import ProbeMode, exact_probe_context
 
-__all__ = ["DenseNoise", "Noise", "Perturbation", "Slot", "per_slot", "seeded_axpby_slots_"]
+__all__ = ["DenseNoise", "MomentumNoise", "Noise", "Perturbation", "Slot", "per_slot", "seeded_axpby_slots_"]
 
 
 class Slot(NamedTuple):
@@ -134,6 +134,48 @@ class DenseNoise:
     def norms(self, slots: Sequence[Slot], seed: int) -> torch.Tensor:
         scratch = [torch.empty_like(s.param, memory_format=torch.contiguous_format) for s in slots]
         return self.apply_(slots, seed, [1.0] * len(slots), 0.0, out=scratch)
+
+
+class MomentumNoise:
+    """AdaZo-SAM's ``probe_space="momentum"``: the probe direction is Adam's first moment
+    ``P = exp_avg`` of each parameter (zero before its first update), read from the optimizer's
+    state; ``seed`` is unused. No noise, no extra memory."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def _moments(self, slots: Sequence[Slot]) -> list[torch.Tensor | None]:
+        return [self.state.get(s.param, {}).get("exp_avg") for s in slots]
+
+    def apply_(
+        self,
+        slots: Sequence[Slot],
+        seed: int,
+        alpha: Sequence[float],
+        beta: float | Sequence[float] = 1.0,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        n = len(slots)
+        betas = per_slot(beta, n, "beta")
+        targets = [s.param for s in slots] if out is None else list(out)
+        for t, m, a, b in zip(targets, self._moments(slots), alpha, betas):
+            t = t.detach()
+            if b != 1.0:
+                t.mul_(b)
+            if m is not None and a != 0.0:
+                t.add_(m.to(t.dtype), alpha=a)
+        return self.norms(slots, seed)
+
+    def norms(self, slots: Sequence[Slot], seed: int) -> torch.Tensor:
+        device = slots[0].param.device if slots else torch.device("cpu")
+        moments = self._moments(slots)
+        out = torch.zeros(len(slots), dtype=torch.float32, device=device)
+        live = [k for k, m in enumerate(moments) if m is not None]
+        if live:
+            sq = torch._foreach_norm([moments[k] for k in live], 2, dtype=torch.float32)
+            out[live] = torch.stack([x.to(device) for x in sq]).square()
+        return out
 
 
 class Perturbation:

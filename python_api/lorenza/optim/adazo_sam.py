@@ -14,10 +14,14 @@ import torch
 from . import _checks
 from ._adam import adamw_slots_
 from ._base import SeededOptimizer, StepContext
-from ._noise import Perturbation, Slot
+from ._noise import MomentumNoise, Perturbation, Slot
 from ._seeds import probe_seed
 
-__all__ = ["AdaZoSAM"]
+__all__ = ["AdaZoSAM", "PROBE_SPACES"]
+
+#: AdaZo-SAM's probe directions: "full" (the paper's, z ~ N(0, I) over every parameter) and
+#: "momentum" (Adam's first moment: the ascent along it, its sign from the zeroth-order estimate).
+PROBE_SPACES = ("full", "momentum")
 
 
 class AdaZoSAM(SeededOptimizer):
@@ -72,6 +76,10 @@ class AdaZoSAM(SeededOptimizer):
         "mu": _checks.positive,
     }
     global_checks = {"num_probes": 1}
+    #: the probe directions this class offers (the first is the default), and the one of state
+    #: dicts saved before the option existed
+    probe_spaces: tuple[str, ...] = PROBE_SPACES
+    legacy_probe_space = "full"
 
     def __init__(
         self,
@@ -88,7 +96,11 @@ class AdaZoSAM(SeededOptimizer):
         per_layer: bool = False,
         state_dtype: torch.dtype | None = torch.float32,
         probe: str = "exact",
+        probe_space: str = "full",
     ) -> None:
+        _checks.choice("probe_space", probe_space, self.probe_spaces)
+        if probe_space == "momentum" and num_probes != 1:
+            raise ValueError("num_probes: probe_space='momentum' has one direction, so it takes num_probes=1")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho, mu=mu)
         super().__init__(
             params,
@@ -99,6 +111,21 @@ class AdaZoSAM(SeededOptimizer):
             options={"num_probes": num_probes},
             probe=probe,
         )
+        self._global["probe_space"] = probe_space
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        glob = state_dict.get("lorenza") if isinstance(state_dict, dict) else None
+        if isinstance(glob, dict):  # saved before the option existed: the probes of that time
+            glob = {"probe_space": self.legacy_probe_space, **glob}
+            _checks.choice("state_dict['lorenza']['probe_space']", glob["probe_space"], self.probe_spaces)
+            state_dict = {**state_dict, "lorenza": glob}
+        super().load_state_dict(state_dict)
+
+    def _context(self, step: int) -> StepContext:
+        ctx = super()._context(step)
+        if self._global["probe_space"] == "momentum":
+            ctx.noise = MomentumNoise(self.state)
+        return ctx
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:

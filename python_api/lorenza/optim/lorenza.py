@@ -69,6 +69,8 @@ class Lorenza(AdaZoSAM):
 
     group_checks = {**AdaZoSAM.group_checks, **LOWRANK_GROUP_CHECKS, "residual_scale": _checks.non_negative}
     global_checks = {"num_probes": 1, "oversample": 0, "power_iters": 0}
+    probe_spaces = PROBE_SPACES
+    legacy_probe_space = "subspace"
 
     def __init__(
         self,
@@ -95,7 +97,7 @@ class Lorenza(AdaZoSAM):
         probe_space: str = "singular",
     ) -> None:
         _checks.choice("moment_transform", moment_transform, MOMENT_TRANSFORMS)
-        _checks.choice("probe_space", probe_space, PROBE_SPACES)
+        _checks.choice("probe_space", probe_space, self.probe_spaces)
         for key, value in (("oversample", oversample), ("power_iters", power_iters)):
             _checks.int_at_least(key, value, 0)
         _checks.int_at_least("num_probes", num_probes, 1)
@@ -117,10 +119,6 @@ class Lorenza(AdaZoSAM):
         if isinstance(glob, dict):
             _checks.choice("state_dict['lorenza']['moment_transform']", glob.get("moment_transform"), MOMENT_TRANSFORMS)
             _checks.choice("state_dict['lorenza']['svd']", glob.get("svd"), SVDS)
-            # saved before the option existed: the probes of that time
-            glob = {"probe_space": "subspace", **glob}
-            _checks.choice("state_dict['lorenza']['probe_space']", glob["probe_space"], PROBE_SPACES)
-            state_dict = {**state_dict, "lorenza": glob}
         super().load_state_dict(state_dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
