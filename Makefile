@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 # Optional extras: their tests skip without them, so an install that fails is not fatal.
-OPTIONAL ?= matplotlib tqdm transformers accelerate galore-torch
+OPTIONAL ?= matplotlib tqdm transformers accelerate peft galore-torch
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)

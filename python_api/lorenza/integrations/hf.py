@@ -18,6 +18,14 @@ closure once). MeZO's trainer does the same by rewriting the whole training loop
                              train_dataset=ds, optimizers=(lorenza.optim.AdaZoSAM(model.parameters(), lr=1e-4), None))
     trainer.train()
 
+The optimizer can be given in the three ways of the Trainer (``lorenza/optim/groups.py``):
+``optimizers=(opt, None)`` with ``lorenza.optim.make_optimizer(...)``;
+``optimizer_cls_and_kwargs=lorenza.optim.trainer_optimizer(...)``; or by name,
+``LorenzaTrainer(..., optimizer="lorenza", optimizer_kwargs={"rank": 64})``, which builds it with
+``args.learning_rate``, ``args.weight_decay`` and, for the low-rank optimizers, the target modules
+of ``args.optim_target_modules`` (names, regexes or "all-linear"; default "all-linear") unless
+``optimizer_kwargs`` names ``target_modules``.
+
 With ``same_randomness=True`` (default) every closure call of one step sees the same random
 numbers (dropout masks), so that zeroth-order differences measure the parameters, not dropout.
 Not supported: gradient accumulation (each closure must see the whole minibatch), fp16 with a
@@ -86,7 +94,19 @@ class LorenzaTrainer(Trainer):
     ``pass_counter`` counts the forward and backward passes of training so far.
     """
 
-    def __init__(self, *args, same_randomness: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        same_randomness: bool = True,
+        optimizer: str | type | None = None,
+        optimizer_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        if optimizer is not None and (kwargs.get("optimizers", (None, None))[0] is not None
+                                      or kwargs.get("optimizer_cls_and_kwargs") is not None):  # fmt: skip
+            raise ValueError("optimizer: give the optimizer one way only (optimizer=, optimizers= or "
+                             "optimizer_cls_and_kwargs=)")  # fmt: skip
+        self._optimizer_spec = (optimizer, dict(optimizer_kwargs or {}))
         super().__init__(*args, **kwargs)
         a = self.args
         if a.gradient_accumulation_steps != 1:
@@ -105,6 +125,15 @@ class LorenzaTrainer(Trainer):
         self._loss_takes_items = "num_items_in_batch" in inspect.signature(self.compute_loss).parameters
 
     def create_optimizer(self, model=None):
+        name, options = self._optimizer_spec
+        if self.optimizer is None and name is not None:
+            from lorenza.optim import groups
+
+            opt_model = model if model is not None else self.model
+            options = {"lr": self.args.learning_rate, "weight_decay": self.args.weight_decay, **options}
+            if issubclass(groups._resolve(name), groups.LOW_RANK):
+                options.setdefault("target_modules", self.args.optim_target_modules or "all-linear")
+            self.optimizer = groups.make_optimizer(name, opt_model, **options)
         super().create_optimizer(model) if model is not None else super().create_optimizer()
         if not isinstance(self.optimizer, ClosureOnlyStep):
             self.optimizer = ClosureOnlyStep(self.optimizer)

@@ -12,6 +12,13 @@ Example::
         return torch.nn.functional.cross_entropy(model(x), y)
 
     opt.step(lorenza.optim.make_closure(loss_fn))
+
+    # a Hugging Face model returns a ModelOutput whose .loss is the loss: that works as it is
+    opt.step(lorenza.optim.make_closure(lambda: model(input_ids=batch, labels=batch)))
+
+If anything inside a step raises (the closure, a non-scalar or non-loss return value), the step
+stops and the exception propagates: the parameters and the optimizer's per-parameter state are
+left bitwise as they were (with the default exact probes; ``docs/algorithms.md``, "Exceptions").
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PassCounter", "StepClosure", "as_loss", "make_closure"]
+__all__ = ["PassCounter", "StepClosure", "as_loss", "loss_of", "make_closure"]
 
 
 @dataclass
@@ -38,7 +45,9 @@ class PassCounter:
 class StepClosure:
     """The one closure implementation of the package: ``optimizer.step(StepClosure(loss_fn))``.
 
-    ``loss_fn()`` returns the scalar loss of the current minibatch. When gradients are enabled (the
+    ``loss_fn()`` returns the scalar loss of the current minibatch, or anything that holds it: a
+    Hugging Face ``ModelOutput`` (``model(input_ids=..., labels=...)``), a tuple starting with it
+    (:func:`loss_of`). When gradients are enabled (the
     optimizer's backward pass) the closure calls ``backward`` on it (``loss.backward()`` unless
     ``backward`` is given, e.g. ``accelerator.backward``); under ``torch.no_grad()`` (zeroth-order
     probes) no graph is built and no backward runs. It returns the loss detached.
@@ -87,7 +96,7 @@ class StepClosure:
         return loss
 
     def _call(self) -> Any:
-        loss = self.loss_fn()
+        loss = loss_of(self.loss_fn(), "loss_fn")
         self.counter.forward += 1
         if torch.is_grad_enabled():
             if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
@@ -110,8 +119,30 @@ def make_closure(loss_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Step
     return StepClosure(functools.partial(loss_fn, *args, **kwargs) if args or kwargs else loss_fn)
 
 
+def loss_of(value: Any, name: str = "closure") -> Any:
+    """The loss inside what a loss function returns: a Hugging Face ``ModelOutput`` (or any object
+    with a tensor ``.loss``, or a mapping with a ``"loss"`` entry), a tuple or list whose first
+    element is the loss, or the loss itself (a scalar tensor or a number), returned as it is."""
+    if isinstance(value, (torch.Tensor, int, float)):
+        return value
+    loss = getattr(value, "loss", None)
+    if loss is None and isinstance(value, dict):
+        loss = value.get("loss")
+    if loss is None and isinstance(value, (tuple, list)) and value:
+        loss = value[0]
+    if loss is None:
+        raise TypeError(
+            f"{name}: must return the loss: a scalar tensor, a float, an object with a .loss tensor "
+            f"(a Hugging Face ModelOutput: pass labels to the model), or a tuple starting with the loss; "
+            f"got {type(value).__name__}"
+        )
+    return loss
+
+
 def as_loss(value: Any, name: str = "closure") -> torch.Tensor:
-    """The closure's return value as a detached 0-d tensor; a clear error when it is not a scalar."""
+    """The closure's return value (see :func:`loss_of`) as a detached 0-d tensor; a clear error when
+    it is not a real scalar."""
+    value = loss_of(value, name)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(
@@ -123,7 +154,7 @@ def as_loss(value: Any, name: str = "closure") -> torch.Tensor:
         return value.detach().reshape(())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float64)
-    raise TypeError(f"{name}: must return the loss (a scalar tensor or a float), got {type(value).__name__}")
+    raise TypeError(f"{name}: the loss must be a scalar tensor or a float, got {type(value).__name__}")
 
 
 def is_finite(x: torch.Tensor | float) -> bool:

@@ -160,9 +160,10 @@ class GaLoreAdamW(SeededOptimizer):
                 raise TypeError(f"closure: expected a callable, got {type(closure).__name__}")
             self.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = closure()
-            if isinstance(loss, torch.Tensor):
-                as_loss(loss)  # a clear error for a non-scalar loss
+                out = closure()
+            # the loss of a ModelOutput, a clear error for a non-scalar; None is allowed (GaLore
+            # needs only the gradients), as in torch.optim
+            loss = None if out is None else as_loss(out)
         with torch.no_grad():
             self._finish_step()
         return loss

@@ -153,6 +153,15 @@ class Loren(SeededOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
         closure = self._require_closure(closure)
+        fresh = [p for g in self.param_groups for p in g["params"] if p.requires_grad and p not in self.state]
+        try:
+            return self._step(closure)
+        except BaseException:  # a failed step leaves the state as it was: drop what it initialised
+            for p in fresh:
+                self.state.pop(p, None)
+            raise
+
+    def _step(self, closure: Callable[[], Any]) -> torch.Tensor:
         t = self._global["step"] + 1
         K = self._global["num_queries"]
         slots = self._slots()

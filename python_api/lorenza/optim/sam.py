@@ -80,6 +80,17 @@ class SAM(torch.optim.Optimizer):
         param_group.setdefault("adaptive", self.defaults["adaptive"])
         base.add_param_group(param_group)  # self.param_groups is base.param_groups
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer keeps only defaults, state and param_groups: SAM needs its base
+        # optimizer (whose param_groups are SAM's) and counters to survive copy.deepcopy and pickle.
+        return {**super().__getstate__(), "base_optimizer": self.base_optimizer, "_global": self._global,
+                "_warned_skip": self._warned_skip, "_skip_pending": self._skip_pending}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "base_optimizer" in state:
+            self.param_groups = self.base_optimizer.param_groups
+
     @property
     def skipped_steps(self) -> int:
         return self._global["skipped"]
