@@ -30,8 +30,18 @@ $(VENV)/.deps: $(PY) pyproject.toml Makefile
 
 deps: $(VENV)/.deps
 
-build: deps
+# The extension is rebuilt only when a C++/CUDA source, the build files or the CUDA switch change
+# (Python sources are installed in editable mode and need no build).
+EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
+BUILT := $(VENV)/.built-cuda$(LORENZA_KERNELS_CUDA)
+
+$(BUILT): $(VENV)/.deps $(EXT_SOURCES)
+	rm -f $(VENV)/.built-cuda*
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: deps $(BUILT)
+	@ls lorenza_kernels/_C*.so >/dev/null 2>&1 || { rm -f $(BUILT); $(MAKE) --no-print-directory $(BUILT); }
 	$(PY) -c "import lorenza_kernels as lk; import pprint; pprint.pprint(lk.backend_info())"
 
 test: build
@@ -60,4 +70,4 @@ bench: build
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build dist *.egg-info lorenza_kernels/_C*.so
+	rm -rf build dist *.egg-info lorenza_kernels/_C*.so $(VENV)/.built-cuda*

@@ -463,3 +463,87 @@ def test_bench_optimizer_step_runs(tmp_path):
     adamw = next(r for r in rows if r["provider"] == "AdamW")["metrics"]
     assert (adamw["fwd"], adamw["bwd"]) == (1, 1)
     assert adamw["state MB"] == pytest.approx(2 * adamw["params MB"], rel=0.01)
+
+
+# ---------------------------------------------------------------- time, progress and the plot
+
+
+def test_cpu_defaults_and_threads():
+    from lorenza.demo.__main__ import parse_args
+
+    a = parse_args(["--device", "cpu"])
+    assert (a.model_size, a.seq_len, a.steps, a.pretrain_steps) == ("small", 64, 100, 500)
+    assert parse_args(["--device", "cpu", "--seq-len", "128"]).seq_len == 128
+    assert parse_args(["--device", "cpu", "--model-size", "tiny"]).seq_len is None  # the model's own
+    with pytest.raises(SystemExit):
+        parse_args(["--threads", "0"])
+
+
+def test_calibration_and_weighted_progress(fake_sources):
+    from lorenza.demo.report import Progress
+    from lorenza.demo.train import calibrate
+
+    corpus = data.load_corpus(fake_sources)
+    cfg = parse_size(MICRO)
+    train = data.Batches(data.byte_tokens(corpus.text["train"]), 16, 2, seed=0)
+    model = LlamaLM(cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    per_step = calibrate(["AdamW", "MeZO", "Loren"], model, train, optimizers.Hyper(steps=10), torch.device("cpu"))
+    assert set(per_step) == {"AdamW", "MeZO", "Loren"} and all(v > 0 for v in per_step.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # measured on copies
+    # progress in seconds of work: half the work done -> 50%, the time left is the time spent so far
+    p = Progress(10.0, "x", enabled=False)
+    p._t0 -= 4.0
+    p.update(5.0, "x", None)
+    assert p.n / p.total == 0.5 and p.left() == pytest.approx(4.0, rel=0.05)
+    assert math.isnan(Progress(1.0, enabled=False).left())
+
+
+def test_every_curve_has_its_own_style():
+    from lorenza.demo.report import line_styles, warmup_bump
+
+    styles = line_styles(optimizers.NAMES)
+    keys = {(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}
+    assert len(keys) == len(optimizers.NAMES)
+    # the pairs whose curves coincide differ in line style AND marker, not only in colour
+    for a, b in [("AdamW", "AdaZoSAM"), ("Lorenza", "LorenzaPlus"), ("MeZO", "MeZOAdam")]:
+        assert styles[a]["linestyle"] != styles[b]["linestyle"] and styles[a]["marker"] != styles[b]["marker"]
+    curves = {"AdamW": [(0, 1.8), (5, 1.95), (10, 1.7)], "MeZO": [(0, 1.8), (10, 1.79)]}
+    assert warmup_bump(curves, 1.8, ["AdamW"]) == pytest.approx(0.15)
+    assert warmup_bump(curves, 1.8, ["MeZO"]) == 0.0
+
+
+@pytest.mark.skipif(not has("matplotlib"), reason="needs matplotlib")
+def test_plot_has_a_zeroth_order_panel_on_its_own_scale(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorenza.demo import report
+
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *a, **k):
+        captured["fig"] = fig
+        return real_savefig(fig, *a, **k)
+
+    curves = {
+        "AdamW": [(0, 1.8), (5, 1.9), (10, 1.7)],
+        "MeZO": [(0, 1.8), (10, 1.799)],
+        "Loren": [(0, 1.8), (10, 1.798)],
+    }
+    plt.Figure.savefig = keep
+    try:
+        path = report.plot_curves(str(tmp_path / "p.png"), curves, {"AdamW": 3, "MeZO": 2, "Loren": 10}, "t", 1.8,
+                                  {"MeZO", "Loren"})  # fmt: skip
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert os.path.getsize(path) > 0
+    axes = captured["fig"].axes
+    assert len(axes) == 4
+    zo = axes[3]
+    assert {line.get_label() for line in zo.lines} >= {"MeZO", "Loren"}
+    lo_, hi = zo.get_ylim()
+    assert hi - lo_ < 0.01  # its own scale: the 0.002 improvements fill the panel

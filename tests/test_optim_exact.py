@@ -14,6 +14,7 @@ import torch
 from _optim_common import MLP, SEED, mlp_closure, mlp_data, noise, params_of, single_thread  # noqa: F401
 from torch import nn
 
+import lorenza.optim as lo
 from lorenza.optim import AdaZoSAM, Loren, Lorenza, MeZO, MeZOAdam, _noise, make_closure
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -226,3 +227,33 @@ def test_adazo_sam_momentum_probe_ascends_along_the_first_moment(probe):
         AdaZoSAM(model.parameters(), probe_space="momentum", num_probes=2)
     with pytest.raises(ValueError, match="probe_space"):
         AdaZoSAM(model.parameters(), probe_space="singular")
+
+
+@pytest.mark.parametrize("cls", ["AdaZoSAM", "Lorenza"])
+def test_clipping_inside_the_ascent_closure_sees_the_parameters_gradients(cls):
+    # A closure that clips after its backward pass (LorenzaTrainer with max_grad_norm) reads p.grad
+    # inside the exact ascent: it must get the parameter's gradient, not a perturbed copy's (None).
+    from lorenza.optim.closure import StepClosure
+
+    def run(probe, clip):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        x = torch.randn(5, 6)
+        kw = {"rank": 2, "update_interval": 2} if cls == "Lorenza" else {}
+        opt = getattr(lo, cls)(model.parameters(), lr=1e-2, probe=probe, seed=1, **kw)
+        norms = []
+        for _ in range(3):
+            c = StepClosure(lambda: model(x).square().mean(), clip_grad_norm=clip, clip_params=list(model.parameters()),
+                            track_grad_norm=True)  # fmt: skip
+            opt.step(c)
+            norms.append(c.grad_norm)
+        return [p.detach().clone() for p in model.parameters()], norms
+
+    exact, n_exact = run("exact", 1e-9)  # below Adam's eps: clipping changes the update
+    inplace, n_inplace = run("inplace", 1e-9)
+    unclipped, _ = run("exact", None)
+    assert all(n is not None and float(n) > 1e-2 for n in n_exact)
+    torch.testing.assert_close(torch.stack(n_exact), torch.stack(n_inplace), rtol=1e-4, atol=0)
+    for a, b in zip(exact, inplace):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(exact, unclipped))

@@ -26,10 +26,15 @@ COLUMNS = [
 
 
 class Progress:
-    """``update(n, desc, loss)``: tqdm when installed and stderr is a terminal, else a line every 5%."""
+    """``update(n, desc, loss)``: tqdm when installed and stderr is a terminal, else a line every 5%.
 
-    def __init__(self, total: int, desc: str = "", enabled: bool = True):
-        self.total, self.n, self.enabled = max(1, total), 0, enabled
+    ``total`` and ``n`` are in any unit of work; the demo uses estimated seconds (each optimizer's
+    step weighted by its measured cost), so the percentage and the time left are honest when the
+    optimizers differ tenfold in cost. The time left is ``elapsed / done * (total - done)``.
+    """
+
+    def __init__(self, total: float, desc: str = "", enabled: bool = True):
+        self.total, self.n, self.enabled = max(1e-9, float(total)), 0.0, enabled
         self._bar = None
         self._next = 0.0
         self._t0 = time.perf_counter()
@@ -37,11 +42,17 @@ class Progress:
             try:
                 from tqdm.auto import tqdm
 
-                self._bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+                fmt = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+                self._bar = tqdm(total=self.total, desc=desc, dynamic_ncols=True, leave=True, bar_format=fmt)
             except ImportError:
                 pass
 
-    def update(self, n: int, desc: str | None, loss: float | None) -> None:
+    def left(self) -> float:
+        """Estimated seconds left (nan before any work is done)."""
+        elapsed = time.perf_counter() - self._t0
+        return elapsed / self.n * (self.total - self.n) if self.n > 0 else math.nan
+
+    def update(self, n: float, desc: str | None, loss: float | None) -> None:
         self.n += n
         if not self.enabled:
             return
@@ -52,11 +63,14 @@ class Progress:
                 self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self._bar.update(n)
             return
-        if self.n / self.total >= self._next or self.n == self.total:
+        if self.n / self.total >= self._next or self.n >= self.total:
             self._next = self.n / self.total + 0.05
             extra = f" loss {loss:.4f}" if loss is not None else ""
+            left = self.left()
+            eta = f", ~{left:.0f}s left" if math.isfinite(left) else ""
             print(
-                f"[{100 * self.n / self.total:5.1f}% {time.perf_counter() - self._t0:6.1f}s] {desc}{extra}",
+                f"[{min(100.0, 100 * self.n / self.total):5.1f}% {time.perf_counter() - self._t0:6.1f}s{eta}] "
+                f"{desc}{extra}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -95,8 +109,45 @@ def write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=1, default=float)
 
 
-def plot_curves(path: str, curves: dict[str, list], costs: dict[str, int], title: str) -> str | None:
-    """Held-out loss against steps and against forward-pass equivalents; None when no matplotlib."""
+#: Line styles and markers cycled at different periods than the 10 colours: curves that coincide
+#: (AdamW and AdaZoSAM at rho small, Lorenza and Lorenza+, MeZO and MeZO-Adam) stay distinguishable.
+_LINESTYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "v", "D", "x", "+", "*", "P", "X"]
+
+
+def line_styles(names: list[str]) -> dict[str, dict]:
+    """A distinct (colour, line style, marker) for each name, in order."""
+    out = {}
+    for i, name in enumerate(names):
+        out[name] = {
+            "color": f"C{i % 10}",
+            "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+            "marker": _MARKERS[i % len(_MARKERS)],
+            "markersize": 4 + (i % 3),
+            "markerfacecolor": "none" if i % 2 else None,
+            "linewidth": 1.2 + 0.6 * ((i // 4) % 2),
+        }
+    return out
+
+
+def warmup_bump(curves: dict[str, list], initial: float, names: list[str]) -> float:
+    """The largest rise of the held-out loss above the pre-trained loss among ``names`` (0 if none)."""
+    rises = [v - initial for n in names for _, v in curves.get(n, [])]
+    return max([0.0, *rises])
+
+
+def plot_curves(
+    path: str,
+    curves: dict[str, list],
+    costs: dict[str, int],
+    title: str,
+    initial: float | None = None,
+    zeroth_order: set[str] | frozenset[str] = frozenset(),
+) -> str | None:
+    """Held-out loss against steps and against forward-pass equivalents (top); below, the
+    improvement over the pre-trained loss of the gradient-taking and of the zeroth-order
+    optimizers, each on its own scale (the zeroth-order ones move a hundred times less in the
+    same steps and look flat on the shared axis). None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -104,20 +155,34 @@ def plot_curves(path: str, curves: dict[str, list], costs: dict[str, int], title
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for name, curve in curves.items():
-        if not curve:
-            continue
-        steps = [s for s, _ in curve]
-        losses = [v for _, v in curve]
-        axes[0].plot(steps, losses, marker=".", label=name)
-        axes[1].plot([s * costs.get(name, 1) for s in steps], losses, marker=".", label=name)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("forward-pass equivalents (a backward pass = 2 forwards)")
-    axes[0].set_ylabel("held-out loss (nats/token)")
-    for ax in axes:
+    names = [n for n, c in curves.items() if c]
+    styles = line_styles(names)
+    rows = 2 if initial is not None else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 4.5 * rows), squeeze=False)
+    for name in names:
+        steps = [s for s, _ in curves[name]]
+        losses = [v for _, v in curves[name]]
+        axes[0][0].plot(steps, losses, label=name, **styles[name])
+        axes[0][1].plot([s * costs.get(name, 1) for s in steps], losses, label=name, **styles[name])
+        if initial is not None:
+            ax = axes[1][1] if name in zeroth_order else axes[1][0]
+            ax.plot(steps, [initial - v for v in losses], label=name, **styles[name])
+    axes[0][0].set_xlabel("step")
+    axes[0][1].set_xlabel("forward-pass equivalents (a backward pass = 2 forwards)")
+    axes[0][0].set_ylabel("held-out loss (nats/token)")
+    axes[0][1].sharey(axes[0][0])
+    if initial is not None:
+        axes[1][0].set_title("gradient-taking optimizers", fontsize=9)
+        axes[1][1].set_title("zeroth-order optimizers (own scale)", fontsize=9)
+        for ax in axes[1]:
+            ax.set_xlabel("step")
+            ax.set_ylabel("improvement over the pre-trained loss (nats)")
+            ax.axhline(0.0, color="0.5", linewidth=0.8)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    for ax in (a for row in axes for a in row):
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[0][1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -162,11 +162,13 @@ def finetune(
     initial_loss: float,
     eval_every: int,
     progress=None,
+    step_weight: float = 1.0,
 ) -> RunResult:
     """Fine-tune a copy of ``base_model`` with optimizer ``name`` for ``steps`` steps.
 
     A run whose training loss stops being finite ends early and is reported as diverged in
-    ``RunResult.error`` (a result worth showing); any exception is a bug and propagates.
+    ``RunResult.error`` (a result worth showing); any exception is a bug and propagates. Each step
+    advances ``progress`` by ``step_weight`` (its estimated seconds, :func:`calibrate`).
     """
     model = copy.deepcopy(base_model).to(device)
     model.eval()
@@ -187,7 +189,7 @@ def finetune(
         if step % eval_every == 0 or step == steps:
             result.curve.append((step, evaluate(model, heldout)))
         if progress is not None:
-            progress.update(1, name, result.train_loss[-1])
+            progress.update(step_weight, name, result.train_loss[-1])
         if not math.isfinite(result.train_loss[-1]):
             result.error = f"diverged: loss {result.train_loss[-1]} at step {step}"
             return False
@@ -208,7 +210,7 @@ def finetune(
             if not one_step(done):
                 break
     if progress is not None and done < steps:
-        progress.update(steps - done, name, None)  # keep the bar's total honest after an early stop
+        progress.update((steps - done) * step_weight, name, None)  # keep the total honest after an early stop
     result.steps = len(times)
     if opt is not None:
         result.state_mb = optimizer_state_bytes(opt) / 2**20
@@ -221,3 +223,29 @@ def finetune(
     result.heldout_loss = result.curve[-1][1] if result.error is None else math.nan
     result.perplexity = math.exp(min(result.heldout_loss, 700.0)) if math.isfinite(result.heldout_loss) else math.nan
     return result
+
+
+def calibrate(
+    names: list[str], base_model: nn.Module, train: Batches, hp: optimizers.Hyper, device: torch.device, steps: int = 3
+) -> dict[str, float]:
+    """Seconds per step of each optimizer, measured on a copy of the model: the mean of its steps
+    after the first (which builds state). The demo weighs its progress and time left with these
+    (the optimizers' costs differ tenfold, more than their nominal passes say: LOREN's ten probes
+    also regenerate noise); a few steps per optimizer, about 1% of a default run."""
+    out = {}
+    for name in names:
+        model = copy.deepcopy(base_model).to(device)
+        model.eval()
+        opt = optimizers.build(name, model, hp)
+        times = []
+        for step in range(steps):
+            batch = train.train(step, device)
+            sync(device)
+            t0 = time.perf_counter()
+            closure_step(opt, lambda b=batch, m=model: lm_loss(m, b))
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        later = times[1:] or times
+        out[name] = sum(later) / len(later)
+        del model, opt
+    return out

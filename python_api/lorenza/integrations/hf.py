@@ -29,7 +29,8 @@ of ``args.optim_target_modules`` (names, regexes or "all-linear"; default "all-l
 With ``same_randomness=True`` (default) every closure call of one step sees the same random
 numbers (dropout masks), so that zeroth-order differences measure the parameters, not dropout.
 Not supported: gradient accumulation (each closure must see the whole minibatch), fp16 with a
-gradient scaler, DeepSpeed (bf16 and plain DDP are fine).
+gradient scaler, DeepSpeed (bf16 and plain DDP are fine). The logged ``grad_norm`` is the norm before
+clipping of the gradient the step used (its last backward pass); zeroth-order optimizers log none.
 """
 
 from __future__ import annotations
@@ -166,11 +167,24 @@ class LorenzaTrainer(Trainer):
             clip_grad_norm=self.args.max_grad_norm or None,
             clip_params=params,
             same_randomness=self.same_randomness,
+            track_grad_norm=True,
         )
         optimizer = self._closure_optimizer()
         optimizer.zero_grad(set_to_none=True)
+        self._step_grad_norm = None
         out = optimizer.step(closure)
+        self._step_grad_norm = closure.grad_norm
         loss = out if isinstance(out, torch.Tensor) else closure.last_loss
         if loss is None:
             raise RuntimeError(f"{type(optimizer).__name__}.step(closure) never called the closure")
         return loss.detach().to(self.args.device)
+
+    # The Trainer logs the norm it gets from these two after training_step, when our step has
+    # already clipped (and possibly freed) the gradients: hand it the norm the closure measured
+    # before clipping, in the step's last backward pass (the gradient the update used), or None for
+    # an optimizer that took no gradient (zeroth-order: no "grad_norm" is logged).
+    def _clip_grad_norm(self, model):
+        return getattr(self, "_step_grad_norm", None)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return getattr(self, "_step_grad_norm", None)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import _checks
 from ._noise import Perturbation
 from .closure import as_loss
 
@@ -100,6 +101,7 @@ class GradientPass:
         that ran before keep theirs: per-layer mode cannot undo them without a copy).
         """
         opt = self.owner
+        _checks.per_layer_alone(opt)
         opt.zero_grad(set_to_none=True)
         layer_pass = LayerPass(ctx, perturbation)
         self.active = layer_pass if opt.per_layer else None
@@ -114,14 +116,14 @@ class GradientPass:
         self.active = None
         if opt.per_layer:
             self.finish_leftovers(layer_pass)
-            if layer_pass.seen == 0:
+            if layer_pass.seen == 0 and ctx.slots:
                 perturbation.restore()
                 raise RuntimeError(_NO_BACKWARD)
             perturbation.restore()  # the parameters the backward pass did not reach
             if not layer_pass.ok:
                 opt._skip("non-finite gradient (per-layer mode: parameters updated before it keep their update)")
             return loss
-        if not any(s.param.grad is not None for s in ctx.slots):
+        if ctx.slots and not any(s.param.grad is not None for s in ctx.slots):
             perturbation.restore()
             raise RuntimeError(_NO_BACKWARD)
         self.update_present(ctx, perturbation, extra=[loss])
@@ -130,11 +132,12 @@ class GradientPass:
     def update_present(self, ctx: Any, perturbation: Perturbation | None, extra: Sequence[torch.Tensor] = ()) -> bool:
         """Normal mode, after the backward pass: check, remove the perturbation, one update call."""
         opt = self.owner
+        if perturbation is not None:
+            perturbation.restore()  # first: the checks below may raise
         live = [s for s in ctx.slots if s.param.grad is not None]
+        _checks.dense_gradients(opt, [s.param for s in live])
         grads = [s.param.grad for s in live]
         finite = all_finite([*extra, *grads])
-        if perturbation is not None:
-            perturbation.restore()
         if not finite:
             opt._skip("non-finite loss or gradient in the backward pass" if extra else "non-finite gradient")
             return False
@@ -147,6 +150,7 @@ class GradientPass:
     def open(self, ctx: Any) -> LayerPass:
         """Open a per-layer pass driven by the user's own backward pass (GaLore-AdamW): no probe,
         nothing to restore; :meth:`close` ends it."""
+        _checks.per_layer_alone(self.owner)
         self.active = LayerPass(ctx)
         return self.active
 
@@ -190,6 +194,7 @@ class GradientPass:
             layer_pass.perturbation.restore([i])
         layer_pass.seen += 1
         grad = slot.param.grad
+        _checks.dense_gradients(self.owner, [slot.param])
         if layer_pass.ok and grad is not None and bool(torch.isfinite(grad).all()):
             self.owner._update(layer_pass.ctx, [slot], [grad])
         else:

@@ -145,6 +145,7 @@ class SeededOptimizer(torch.optim.Optimizer):
         self.process_group = None
         self._gradient_pass = GradientPass(self)
         self._warned_skip = False
+        _checks.per_layer_alone(self)
         super().__init__(params, defaults)
 
     # --- groups -------------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class SeededOptimizer(torch.optim.Optimizer):
             param_group["params"] = params
         for k, p in enumerate(params if isinstance(params, list) else []):
             t = p[1] if isinstance(p, tuple) else p
+            _checks.not_sharded(type(self).__name__, k, t)
             if isinstance(t, torch.Tensor) and t.dtype not in self.param_dtypes:
                 names = ", ".join(str(d).replace("torch.", "") for d in self.param_dtypes)
                 raise TypeError(f"params[{k}]: dtype {str(t.dtype).replace('torch.', '')} is not supported ({names})")
@@ -176,6 +178,36 @@ class SeededOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if self.per_layer:
             self._gradient_pass.install(self.param_groups[-1]["params"])
+        if "rank" in self.defaults:
+            self._warn_dense_fallback(len(self.param_groups) - 1)
+
+    def _warn_dense_fallback(self, g: int) -> None:
+        """Once per optimizer: the parameters of a group with a ``rank`` that are updated densely (a
+        1-D parameter, or ``rank >= min(m, n)``: ``lorenza/optim/_subspace.py``), each named."""
+        group = self.param_groups[g]
+        rank = group.get("rank")
+        if rank is None or getattr(self, "_warned_dense", False):
+            return
+        dense = []
+        for k, p in enumerate(group["params"]):
+            if p.dim() < 2:
+                dense.append(f"param_groups[{g}]['params'][{k}] of shape {tuple(p.shape)} (fewer than 2 dimensions)")
+            else:
+                m, n = p.shape[0], p.numel() // max(1, p.shape[0])
+                if rank >= min(m, n):
+                    dense.append(
+                        f"param_groups[{g}]['params'][{k}] of shape {tuple(p.shape)} (rank {rank} >= {min(m, n)})"
+                    )
+        if dense:
+            self._warned_dense = True
+            more = f" and {len(dense) - 5} more" if len(dense) > 5 else ""
+            warnings.warn(
+                f"{type(self).__name__}: {len(dense)} parameter(s) of a group with a rank are updated by dense "
+                f"AdamW, not in a subspace: {'; '.join(dense[:5])}{more}. Put them in a group with rank=None to "
+                "silence this warning (lorenza.optim.param_groups does).",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _check_groups(self) -> None:
         for group in self.param_groups:
@@ -191,6 +223,14 @@ class SeededOptimizer(torch.optim.Optimizer):
                 if p.requires_grad:
                     slots.append(Slot(p, stream, group, len(slots)))
                 stream += 1
+        if not slots and not getattr(self, "_warned_frozen", False):
+            self._warned_frozen = True
+            warnings.warn(
+                f"{type(self).__name__}: no parameter requires grad (all frozen?): steps evaluate the closure "
+                "and change nothing",
+                UserWarning,
+                stacklevel=3,
+            )
         return slots
 
     # --- global state -------------------------------------------------------------------------

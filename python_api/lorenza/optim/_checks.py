@@ -75,3 +75,60 @@ def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def param_label(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> str:
+    """``param_groups[g]['params'][k]`` with its name when the group has ``param_names``, and shape."""
+    for g, group in enumerate(optimizer.param_groups):
+        for k, p in enumerate(group["params"]):
+            if p is param:
+                names = group.get("param_names")
+                name = f" ({names[k]!r})" if isinstance(names, (list, tuple)) and k < len(names) else ""
+                return f"param_groups[{g}]['params'][{k}]{name} of shape {tuple(param.shape)}"
+    return f"a parameter of shape {tuple(param.shape)}"
+
+
+def dense_gradients(optimizer: torch.optim.Optimizer, params: Any) -> None:
+    """Raise, naming the parameter, when a gradient is sparse (``nn.Embedding(sparse=True)``): the
+    kernels and the finiteness check take strided tensors. Called before anything is modified."""
+    for p in params:
+        g = p.grad
+        if g is not None and g.layout != torch.strided:
+            raise TypeError(
+                f"{param_label(optimizer, p)}: gradient layout {g.layout} is not supported by "
+                f"{type(optimizer).__name__}, which needs dense gradients; build the module with sparse=False "
+                "(e.g. nn.Embedding(..., sparse=False))"
+            )
+
+
+def not_sharded(optimizer_name: str, k: int, param: Any) -> None:
+    """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are refused at construction:
+    the seeded kernels index a parameter's full shape, which a local shard does not have."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return
+    if isinstance(param, DTensor):
+        raise TypeError(
+            f"params[{k}]: a DTensor (sharded by FSDP2's fully_shard or tensor parallelism, placements "
+            f"{tuple(param.placements)}) is not supported by {optimizer_name} yet; use DistributedDataParallel "
+            "or unsharded parameters (docs/algorithms.md, 'Distributed training')"
+        )
+
+
+def per_layer_alone(optimizer: Any) -> None:
+    """``per_layer=True`` updates each parameter in its gradient hook, before data parallelism
+    (DistributedDataParallel, or any averaging after the backward pass) could average the
+    gradients: with more than one rank the ranks would diverge, so the combination is refused."""
+    if not optimizer.per_layer:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size(optimizer.process_group)
+        if world > 1:
+            raise ValueError(
+                f"per_layer: True is not compatible with data parallelism (world size {world}): each parameter "
+                "is updated in its gradient hook, before DistributedDataParallel averages the gradients, so the "
+                "ranks would diverge; use per_layer=False"
+            )

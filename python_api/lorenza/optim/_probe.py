@@ -52,6 +52,18 @@ _METADATA = {
     torch.Tensor.requires_grad.__get__,
     torch.Tensor.is_cuda.__get__,
     torch.Tensor.ndim.__get__,
+    # the parameter's own autograd state, not its value: a closure that clips or reads gradients
+    # inside the ascent (clip_grad_norm_ after backward) must see the parameter's .grad, not a copy's
+    torch.Tensor.grad.__get__,
+    torch.Tensor.grad.__set__,
+    torch.Tensor.grad.__delete__,
+    torch.Tensor._grad.__get__,
+    torch.Tensor._grad.__set__,
+    torch.Tensor.is_leaf.__get__,
+    torch.Tensor.grad_fn.__get__,
+    torch.Tensor.requires_grad_,
+    torch.Tensor.register_hook,
+    torch.Tensor.register_post_accumulate_grad_hook,
 }
 _RAW = {torch.Tensor.data_ptr, torch.Tensor.untyped_storage}
 

@@ -54,6 +54,17 @@ SVDS = ("exact", "randomized")
 MOMENT_TRANSFORMS = lk.MODES  # "rotate", "keep", "reset"
 
 
+def group_default_rank(params: Any, rank: int | None) -> tuple[list, int | None]:
+    """galore-torch's group convention, shared by GaLore-AdamW and LORENZA: when any group names a
+    ``rank``, a group that does not is dense (the default ``rank`` is not applied to it); otherwise
+    ``rank`` is every group's default. Returns the parameters as a list and the default rank."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params: expected an iterable of tensors or of dicts, got a tensor")
+    params = list(params)
+    galore_groups = any(isinstance(g, dict) and "rank" in g for g in params)
+    return params, None if galore_groups else rank
+
+
 def check_rank(name: str, value: Any) -> None:
     if value is not None:
         _checks.int_at_least(name, value, 1)

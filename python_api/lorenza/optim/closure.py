@@ -54,7 +54,8 @@ class StepClosure:
 
     Options: ``counter`` counts forward and backward passes; ``clip_grad_norm``/``clip_params``
     clip those parameters' gradients to that norm after each backward pass (so that SAM-like
-    optimizers get clipped gradients where a plain loop would clip them); ``same_randomness``
+    optimizers get clipped gradients where a plain loop would clip them), and ``grad_norm`` keeps
+    the norm before clipping (also without clipping when ``track_grad_norm``); ``same_randomness``
     runs every call with the global RNGs seeded from one seed drawn (from the global RNG) when the
     closure is made, and leaves the global RNG state as it found it (dropout masks then agree
     between the probes of one step).
@@ -73,6 +74,7 @@ class StepClosure:
         clip_grad_norm: float | None = None,
         clip_params: Iterable[torch.Tensor] | None = None,
         same_randomness: bool = False,
+        track_grad_norm: bool = False,
     ):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
@@ -83,6 +85,10 @@ class StepClosure:
         self.clip_params = list(clip_params) if clip_params is not None else None
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if same_randomness else None
         self.last_loss: Any = None
+        self.track_grad_norm = track_grad_norm
+        #: the total norm of ``clip_params``' gradients after the last backward pass, before clipping
+        #: (set when clipping or ``track_grad_norm``; None when no backward pass ran).
+        self.grad_norm: torch.Tensor | None = None
 
     def __call__(self) -> Any:
         if self.seed is None:
@@ -106,8 +112,14 @@ class StepClosure:
                 )
             (self.backward or torch.Tensor.backward)(loss)
             self.counter.backward += 1
-            if self.clip_grad_norm and self.clip_params:
-                torch.nn.utils.clip_grad_norm_(self.clip_params, self.clip_grad_norm)
+            if self.clip_params and (self.clip_grad_norm or self.track_grad_norm):
+                grads = [p.grad for p in self.clip_params if p.grad is not None]
+                if not grads:  # per-layer mode freed them in the backward pass
+                    self.grad_norm = None
+                elif self.clip_grad_norm:
+                    self.grad_norm = torch.nn.utils.clip_grad_norm_(self.clip_params, self.clip_grad_norm).detach()
+                else:
+                    self.grad_norm = torch.nn.utils.get_total_norm(grads).detach()
         return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
 

@@ -18,7 +18,7 @@ from ._backward import LayerPass
 from ._base import SeededOptimizer, StepContext
 from ._functional import galore_adamw_
 from ._noise import DenseNoise, Slot
-from ._subspace import LOWRANK_GROUP_CHECKS, SVDS, Subspace
+from ._subspace import LOWRANK_GROUP_CHECKS, SVDS, Subspace, group_default_rank
 from .closure import as_loss
 
 __all__ = ["GaLoreAdamW"]
@@ -109,12 +109,9 @@ class GaLoreAdamW(SeededOptimizer):
         per_layer: bool = False,
     ) -> None:
         _checks.choice("svd", svd, SVDS)
-        if isinstance(params, torch.Tensor):
-            raise TypeError("params: expected an iterable of tensors or of dicts, got a tensor")
-        params = list(params)
-        galore_groups = any(isinstance(g, dict) and "rank" in g for g in params)
+        params, default_rank = group_default_rank(params, rank)
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=None if galore_groups else rank,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=default_rank,
             update_interval=update_interval, scale=scale, proj_type="std",
         )  # fmt: skip
         self.group_checks["rank"]("rank", rank)  # checked even when galore-style groups leave it unused

@@ -124,17 +124,21 @@ def param_groups(
 
     ``[{"params": targets, "rank": rank, **group_options}, {"params": others, "rank": None, **rest}]``:
     the weights of the target modules (:func:`target_parameters`) get the subspace, every other
-    trainable parameter (embeddings, head, norms, biases, other matrices) is dense. Frozen
-    parameters are left out; a parameter shared by several modules appears once.
+    trainable parameter (embeddings, head, norms, biases, other matrices) is dense, and so is a
+    target too small for the rank (``rank >= min(m, n)``: its subspace would be the whole matrix).
+    Frozen parameters are left out; a parameter shared by several modules appears once.
     """
-    targets = target_parameters(model, target_modules)
+    targets = [
+        p for p in target_parameters(model, target_modules)
+        if rank is None or rank < min(p.shape[0], p.numel() // max(1, p.shape[0]))
+    ]  # fmt: skip
     ids = {id(p) for p in targets}
     others, seen = [], set(ids)
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             others.append(p)
-    groups = [{"params": targets, "rank": rank, **group_options}]
+    groups = [{"params": targets, "rank": rank, **group_options}] if targets else []
     if others:
         groups.append({"params": others, "rank": None, **(rest or {})})
     return groups

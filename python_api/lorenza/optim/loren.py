@@ -75,6 +75,9 @@ class Loren(SeededOptimizer):
     Memory: MeZO's plus the momentum of the matrices plus the vectors ``a`` (and, during a step,
     ``K`` column sums of length ``n`` per tensor). Non-finite query loss: the perturbation is
     removed, nothing is updated, the skip counted and warned once. Returns the mean query loss.
+
+    Default ``lr = 1e-6``, MeZO's: the update is a zeroth-order gradient estimate of MeZO's scale
+    (not normalised), so the same reasoning applies (``docs/algorithms.md``, "Defaults").
     """
 
     group_checks = {
@@ -89,7 +92,7 @@ class Loren(SeededOptimizer):
     def __init__(
         self,
         params: Any,
-        lr: float,
+        lr: float = 1e-6,
         *,
         mu: float = 1e-3,
         damping: float = 0.1,

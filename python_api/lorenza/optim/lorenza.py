@@ -15,7 +15,15 @@ from . import _checks
 from ._adam import adamw_slots_
 from ._base import StepContext
 from ._noise import Slot
-from ._subspace import LOWRANK_GROUP_CHECKS, MOMENT_TRANSFORMS, PROBE_SPACES, SVDS, Subspace, SubspaceNoise
+from ._subspace import (
+    LOWRANK_GROUP_CHECKS,
+    MOMENT_TRANSFORMS,
+    PROBE_SPACES,
+    SVDS,
+    Subspace,
+    SubspaceNoise,
+    group_default_rank,
+)
 from .adazo_sam import AdaZoSAM
 
 __all__ = ["Lorenza", "LorenzaPlus"]
@@ -51,7 +59,8 @@ class Lorenza(AdaZoSAM):
     later step (added with ``add_param_group``, unfrozen, or without a gradient so far) is not
     probed at that step (its share of the probe and of ``eps`` is zero) and gets its basis from
     that step's gradient. ``rank``, ``update_interval``, ``scale`` and
-    ``residual_scale`` are per group (``rank=None``: the group is dense); the rank of a parameter is
+    ``residual_scale`` are per group (``rank=None``: the group is dense; as in galore-torch, when any
+    group names a ``rank``, a group that names none is dense); the rank of a parameter is
     fixed once it has a basis. ``moment_transform``, ``svd``, ``oversample``, ``power_iters`` and
     ``num_probes`` are global and travel in ``state_dict()``.
 
@@ -101,8 +110,10 @@ class Lorenza(AdaZoSAM):
         for key, value in (("oversample", oversample), ("power_iters", power_iters)):
             _checks.int_at_least(key, value, 0)
         _checks.int_at_least("num_probes", num_probes, 1)
+        self.group_checks["rank"]("rank", rank)  # checked even when galore-style groups leave it unused
+        params, default_rank = group_default_rank(params, rank)
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho, mu=mu, rank=rank,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho, mu=mu, rank=default_rank,
             update_interval=update_interval, scale=scale, residual_scale=residual_scale,
         )  # fmt: skip
         for key, value in defaults.items():

@@ -63,6 +63,11 @@ class MeZO(_TwoSidedZO):
     ``torch.distributed`` the ``2 q`` losses are averaged over the ranks in one all-reduce, so
     every rank takes the same step. A non-finite loss skips the step (perturbation removed, skip
     counted, one warning). ``step`` returns the mean of the probe losses.
+
+    Default ``lr = 1e-6``: the MeZO paper's rate for full-parameter fine-tuning of language models
+    (its grid for the OPT models was {1e-6, 1e-7}, with ``mu = 1e-3``). The step ``lr g z`` grows
+    with the square root of the number of parameters (``||z||``), so the torch default of 1e-3
+    would diverge on a real model; small models want more (``docs/algorithms.md``, "Defaults").
     """
 
     group_checks = {**SeededOptimizer.group_checks, "mu": _checks.positive}
@@ -70,7 +75,7 @@ class MeZO(_TwoSidedZO):
     def __init__(
         self,
         params: Any,
-        lr: float,
+        lr: float = 1e-6,
         *,
         mu: float = 1e-3,
         weight_decay: float = 0.0,
@@ -108,6 +113,10 @@ class MeZOAdam(_TwoSidedZO):
     ``torch.optim.AdamW`` is applied to the bucket (``_functional.adamw_``). State: ``step`` (int),
     ``exp_avg`` and ``exp_avg_sq`` in ``state_dtype`` (float32 by default): two parameter-sized
     buffers, the memory table's "2 x params". Exists as a baseline (``docs/algorithms.md``).
+
+    Default ``lr = 1e-5``: Adam normalises the estimate, so each coordinate moves by about ``lr``
+    per step as in first-order Adam fine-tuning of a language model, where 1e-5 is the usual scale
+    (``docs/algorithms.md``, "Defaults").
     """
 
     group_checks = {
@@ -120,7 +129,7 @@ class MeZOAdam(_TwoSidedZO):
     def __init__(
         self,
         params: Any,
-        lr: float,
+        lr: float = 1e-5,
         *,
         mu: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),

@@ -130,6 +130,7 @@ class SAM(torch.optim.Optimizer):
         self._check_rho()
         if not self._params_with_grad():
             raise RuntimeError("SAM.first_step: no parameter has a gradient; call loss.backward() first")
+        _checks.dense_gradients(self, [p for p, _ in self._params_with_grad()])
         grad_norm = self._grad_norm()
         self._skip_pending = not is_finite(grad_norm)
         if self._skip_pending:
