@@ -18,7 +18,7 @@ from ._shapes import MODES, SIDES, matrix_dims, projection_side
 from .projected_adam import moment_transform_, projected_adam_step_, projected_adam_step_batched_
 from .rng import gaussian
 from .rsvd import randomized_range, randomized_range_list, randomized_svd
-from .seeded_ops import seeded_axpby_, seeded_colsum, seeded_loren_stats
+from .seeded_ops import seeded_axpby_, seeded_colsum, seeded_loren_stats, stochastic_round_
 
 __all__ = [
     "MODES",
@@ -37,6 +37,7 @@ __all__ = [
     "seeded_axpby_",
     "seeded_colsum",
     "seeded_loren_stats",
+    "stochastic_round_",
     "use_backend",
 ]
 __version__ = "0.1.0"
