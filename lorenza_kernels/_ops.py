@@ -38,7 +38,7 @@ SCHEMAS: dict[str, tuple[str, tuple[int, ...]]] = {
     "projected_adam_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "int[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, float scale, str side, "
-        "float residual_scale) -> ()",
+        "float residual_scale, int? rounding_seed=None, int[]? rounding_streams=None) -> ()",
         (0, 3, 4),
     ),
     "moment_transform_": (

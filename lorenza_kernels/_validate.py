@@ -180,7 +180,7 @@ def _check_same_batch(i: int, layer, first) -> None:
 
 def projected_adam_step_(
     params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
-    residual_scale, *, memory=True,
+    residual_scale, rounding_seed=None, rounding_streams=None, *, memory=True,
 ) -> None:  # fmt: skip
     check_choice(side, "side", SIDES)
     k = len(params)
@@ -189,6 +189,10 @@ def projected_adam_step_(
             raise ValueError(f"{nm}: expected {k} tensors (one per param), got {len(xs)}")
     if len(steps) != k:
         raise ValueError(f"steps: expected {k} ints (one per param), got {len(steps)}")
+    if (rounding_seed is None) != (rounding_streams is None):
+        raise ValueError("rounding_seed, rounding_streams: give both or neither")
+    if rounding_streams is not None:
+        check_streams(rounding_streams, k, "rounding_streams")
     for s in steps:
         if s < 1:
             raise ValueError(f"steps: each must be >= 1 (the step being taken, counted from 1), got {s}")
