@@ -380,6 +380,26 @@ def test_rounding_matches_reference(backend, side, pdt, rs, blocks, monkeypatch)
         w, ma, va = wr, mr, vr  # the next step starts from the reference's state: no amplification
 
 
+def test_cpu_rounding_without_the_extension(monkeypatch):
+    """The CPU fast path needs no extension: without it each block of W is rounded by the
+    reference's stochastic rounding, which gives the C++ kernel's bits (4-row blocks: offsets)."""
+    from lorenza_kernels import _ext
+    from lorenza_kernels.cpu import projected_adam as cpu_impl
+
+    if _ext._C is None:
+        pytest.skip("the extension is not built: nothing to compare with")
+    monkeypatch.setattr(cpu_impl, "_BLOCK_BYTES", 16)
+    w, q, ma, va = _layer((13, 11), 3, "right", F16, F32, F32)
+    g = torch.randn(13, 11)
+    a, b = [t.clone() for t in (w, ma, va)], [t.clone() for t in (w, ma, va)]
+    kw = dict(step=2, side="right", rounding_seed=(1 << 63) + 9, rounding_stream=4, **HYPER)
+    with lk.use_backend("cpu"):
+        lk.projected_adam_step_(a[0], g, q, a[1], a[2], **kw)
+        monkeypatch.setattr(_ext, "_C", None)
+        lk.projected_adam_step_(b[0], g, q, b[1], b[2], **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("backend", ROUNDING_BACKENDS)
 def test_rounding_leaves_float32_params_alone(backend):
     require_backend(OP, backend, "cpu")
