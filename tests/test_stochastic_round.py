@@ -596,7 +596,7 @@ def test_axpby_rounding_seed_errors():
 @pytest.mark.parametrize("backend,dev", BACKENDS)
 def test_direct_op_calls_get_the_same_errors(backend, dev):
     require_backend("stochastic_round_", backend, dev)
-    d, s = torch.empty(4, 6, dtype=torch.bfloat16, device=dev), torch.randn(4, 6, device=dev)
+    d, s = torch.zeros(4, 6, dtype=torch.bfloat16, device=dev), torch.randn(4, 6, device=dev)
     big = torch.randn(30, device=dev)
     cases = [
         ("float16 src", ([d], [s.half()], 1, [0]), TypeError, "src\\[0\\]"),
