@@ -5,11 +5,19 @@ Providers, on one list of tensors shaped like a transformer's parameters:
                out-of-place update p = p + alpha z (MeZO's perturbation; github.com/princeton-nlp/MeZO)
   mezo_inplace the same with p.add_(z, alpha=alpha)
   ours[<be>]   lorenza_kernels.seeded_axpby_ forced to backend <be> (one pass, noise never stored)
+  ours+SR[<be>] the same with a rounding_seed: 16-bit tensors rounded stochastically (docs/rng.md,
+               "The rounding stream"; one more Philox call per 4 elements); rows for bf16/fp16 only
   roof         p.add_(1.0) over the same list: one read and one write of every byte
 
 Each row: median/p20/p80 ms, elements/s, effective GB/s (2 x bytes of the list per pass, for every
 provider, so they compare), the fraction of the roof, the speedup over `mezo`, and the extra peak
 memory of the call (allocations beyond the parameters themselves).
+
+For bf16/fp16 a second case writes float32 images back into the list (what an optimizer does after
+an AdamW update of float32 copies):
+  round[<be>]  lorenza_kernels.stochastic_round_(params, images, seed) forced to backend <be>
+  copy (roof)  p.copy_(image) for every tensor: the same bytes (4 read, 2 written per element),
+               rounded to nearest
 
   python bench/bench_seeded_ops.py [--quick] [--device cpu|cuda] [--json out.json]
 """
@@ -61,7 +69,7 @@ def main() -> None:
     )
     if args.with_reference:
         backends.append("reference")
-    alpha, seed = 1e-3, 1234
+    alpha, seed, rseed = 1e-3, 1234, 5678
 
     for name in args.dtypes.split(","):
         dtype = dtypes[name]
@@ -98,11 +106,17 @@ def main() -> None:
                 with lk.use_backend(be):
                     lk.seeded_axpby_(params, seed, alpha)
 
+            def ours_sr(be=be):
+                with lk.use_backend(be):
+                    lk.seeded_axpby_(params, seed, alpha, rounding_seed=rseed)
+
             with lk.use_backend(be):
                 if _registry.active("seeded_axpby_", torch.device(device).type) != be:
                     print(f"skip ours[{be}]: not available on {device}")
                     continue
             providers.append((f"ours[{be}]", ours))
+            if dtype != torch.float32:
+                providers.append((f"ours+SR[{be}]", ours_sr))
         providers.append(("roof", roof))
 
         times = {}
@@ -124,8 +138,53 @@ def main() -> None:
                     "extra peak MB": common.extra_peak_bytes(fn, device, setup=fresh_params) / 2**20,
                 },
             )
+        if dtype != torch.float32:
+            bench_write_back(report, params, device, backends, rseed, args.quick, rep)
         params = None  # free this case before the next
     report.finish(args.json)
+
+
+def bench_write_back(report, params, device, backends, seed, quick, rep) -> None:
+    """stochastic_round_ of float32 images into the 16-bit list, next to copy_ (round to nearest)."""
+    images = [t.float() for t in params]
+    numel = sum(t.numel() for t in params)
+    nbytes = sum(t.numel() * (4 + t.element_size()) for t in params)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[params[0].dtype]
+    case = f"write-back fp32 -> {name} {len(params)} tensors {numel / 1e6:.1f}M el"
+
+    def copy():
+        for t, x in zip(params, images):
+            t.copy_(x)
+
+    providers = []
+    for be in backends:
+
+        def ours(be=be):
+            with lk.use_backend(be):
+                lk.stochastic_round_(params, images, seed)
+
+        with lk.use_backend(be):
+            if _registry.active("stochastic_round_", torch.device(device).type) != be:
+                print(f"skip round[{be}]: not available on {device}")
+                continue
+        providers.append((f"round[{be}]", ours))
+    providers.append(("copy (roof)", copy))
+    times = {prov: common.measure(fn, device, warmup=1 if quick else 2, rep=rep) for prov, fn in providers}
+    roof_gbs = nbytes / times["copy (roof)"][0] / 1e6
+    for prov, fn in providers:
+        t = times[prov]
+        gbs = nbytes / t[0] / 1e6
+        report.add(
+            case,
+            prov,
+            t,
+            **{
+                "Gel/s": numel / t[0] / 1e6,
+                "GB/s": gbs,
+                "of roof": gbs / roof_gbs,
+                "extra peak MB": common.extra_peak_bytes(fn, device) / 2**20,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .projected_adam import moment_transform_, projected_adam_step_, projected_a
 from .rng import gaussian
 from .rsvd import randomized_range, randomized_range_list, randomized_svd, randomized_svd_list
 from .seeded_linear import seeded_linear
-from .seeded_ops import seeded_axpby_, seeded_colsum, seeded_loren_stats
+from .seeded_ops import seeded_axpby_, seeded_colsum, seeded_loren_stats, stochastic_round_
 
 __all__ = [
     "MODES",
@@ -40,6 +40,7 @@ __all__ = [
     "seeded_colsum",
     "seeded_linear",
     "seeded_loren_stats",
+    "stochastic_round_",
     "use_backend",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ run before any tensor is touched, so a rejected call leaves every tensor as it w
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -138,6 +139,31 @@ def check_disjoint(tensors: Sequence[torch.Tensor], label: Callable[[int], str])
             a, b = sorted((a, b))
             raise ValueError(
                 f"{label(a)}, {label(b)}: share memory; the update needs distinct, non-overlapping tensors"
+            )
+
+
+def check_disjoint_from(
+    written: Sequence[torch.Tensor],
+    read: Sequence[torch.Tensor],
+    label_written: Callable[[int], str],
+    label_read: Callable[[int], str],
+) -> None:
+    """No tensor of ``read`` shares a byte with any of ``written`` (already pairwise disjoint):
+    a kernel that writes ``written`` while it reads ``read`` must not read what it has written."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes, i) for i, t in enumerate(written) if t.nbytes)
+    if not spans:
+        return
+    starts = [s[0] for s in spans]
+    for j, t in enumerate(read):
+        if not t.nbytes:
+            continue
+        begin = t.data_ptr()
+        # disjoint spans sorted by start have sorted ends: only the last one starting before t's end can reach t
+        i = bisect.bisect_left(starts, begin + t.nbytes) - 1
+        if i >= 0 and spans[i][1] > begin:
+            raise ValueError(
+                f"{label_written(spans[i][2])}, {label_read(j)}: share memory; a written tensor must not "
+                "overlap another written tensor or any tensor that is read"
             )
 
 

@@ -28,15 +28,17 @@ SCHEMAS: dict[str, tuple[str, tuple[int, ...]]] = {
     # docs/kernels.md section 1: seeded perturbation regeneration
     "seeded_axpby_": (
         "(Tensor(a!)[] tensors, int seed, int[] streams, float[] alpha, float[] beta, "
-        "Tensor[]? row_vectors=None, float[]? gamma=None) -> Tensor",
+        "Tensor[]? row_vectors=None, float[]? gamma=None, int? rounding_seed=None) -> Tensor",
         (0,),
     ),
     "seeded_colsum": ("(Tensor[] tensors, int seed, int[] streams) -> Tensor[]", ()),
+    # dst_k <- SR(src_k) with the rounding stream (seed, streams[k]) (docs/rng.md)
+    "stochastic_round_": ("(Tensor(a!)[] dst, Tensor[] src, int seed, int[] streams) -> ()", (0,)),
     # docs/kernels.md section 2: fused projected Adam and the moment transform
     "projected_adam_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "int[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, float scale, str side, "
-        "float residual_scale) -> ()",
+        "float residual_scale, int? rounding_seed=None, int[]? rounding_streams=None) -> ()",
         (0, 3, 4),
     ),
     "moment_transform_": (
@@ -101,7 +103,7 @@ def _device(tensors) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def _fake_seeded_axpby_(tensors, seed, streams, alpha, beta, row_vectors=None, gamma=None):
+def _fake_seeded_axpby_(tensors, seed, streams, alpha, beta, row_vectors=None, gamma=None, rounding_seed=None):
     return torch.empty(len(tensors), dtype=torch.float32, device=_device(tensors))
 
 
@@ -111,7 +113,7 @@ def _fake_seeded_colsum(tensors, seed, streams):
     return [torch.empty(matrix_dims(t)[1], dtype=torch.float32, device=t.device) for t in tensors]
 
 
-def _fake_nothing(*args):
+def _fake_nothing(*args, **kwargs):
     return None
 
 
@@ -140,6 +142,7 @@ def _fake_seeded_linear(x, weight, bias, seed, weight_stream, bias_stream, alpha
 _FAKES = {
     "seeded_axpby_": _fake_seeded_axpby_,
     "seeded_colsum": _fake_seeded_colsum,
+    "stochastic_round_": _fake_nothing,
     "projected_adam_step_": _fake_nothing,
     "moment_transform_": _fake_nothing,
     "rsvd_sketch": _fake_rsvd_sketch,
@@ -166,6 +169,7 @@ for _name in SCHEMAS:
 # The OpOverloads, for the public API (``torch.ops`` resolves a packet and an overload per access).
 seeded_axpby_ = torch.ops.lorenza_kernels.seeded_axpby_.default
 seeded_colsum = torch.ops.lorenza_kernels.seeded_colsum.default
+stochastic_round_ = torch.ops.lorenza_kernels.stochastic_round_.default
 projected_adam_step_ = torch.ops.lorenza_kernels.projected_adam_step_.default
 moment_transform_ = torch.ops.lorenza_kernels.moment_transform_.default
 rsvd_sketch = torch.ops.lorenza_kernels.rsvd_sketch.default

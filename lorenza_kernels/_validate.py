@@ -21,6 +21,7 @@ from ._checks import (
     STREAM_LIMIT,
     check_choice,
     check_disjoint,
+    check_disjoint_from,
     check_finite_list,
     check_no_grad,
     check_stream,
@@ -72,7 +73,9 @@ def _finite(values) -> bool:
     return math.isfinite(total) or all(map(math.isfinite, values))
 
 
-def seeded_axpby_(tensors, seed, streams, alpha, beta, row_vectors=None, gamma=None, *, memory=True) -> None:
+def seeded_axpby_(
+    tensors, seed, streams, alpha, beta, row_vectors=None, gamma=None, rounding_seed=None, *, memory=True
+) -> None:
     # The common case is checked in one tight loop (this runs on every call of the hottest op);
     # anything off goes through the general checks, which name the argument at fault.
     n = len(tensors)
@@ -106,6 +109,27 @@ def seeded_axpby_(tensors, seed, streams, alpha, beta, row_vectors=None, gamma=N
 def seeded_colsum(tensors, seed, streams, *, memory=True) -> None:
     check_tensor_list(tensors, "tensors", ANY_FLOAT, contiguous=False)
     check_streams(streams, len(tensors))
+
+
+def stochastic_round_(dst, src, seed, streams, *, memory=True) -> None:
+    check_tensor_list(dst, "dst")
+    n = len(dst)
+    if len(src) != n:
+        raise ValueError(f"src: expected {n} tensors (one per dst), got {len(src)}")
+    for k, (d, s) in enumerate(zip(dst, src)):
+        if s.dtype != torch.float32:
+            raise TypeError(f"src[{k}]: dtype {dtype_name(s.dtype)} is not supported (float32: the values to round)")
+        if s.device != d.device:
+            raise ValueError(f"src[{k}]: on {s.device}, but dst[{k}] is on {d.device}")
+        if s.shape != d.shape:
+            raise ValueError(f"src[{k}]: shape {tuple(s.shape)} must equal dst[{k}]'s {tuple(d.shape)}")
+        if not s.is_contiguous():
+            raise ValueError(f"src[{k}]: must be contiguous (the rounding stream follows the flat row-major index)")
+    check_streams(streams, n)
+    check_no_grad(dst, "dst")
+    if memory and n:
+        check_disjoint(dst, "dst[{}]".format)
+        check_disjoint_from(dst, src, "dst[{}]".format, "src[{}]".format)
 
 
 # --- fused projected Adam and the moment transform -----------------------------------------------
@@ -157,7 +181,7 @@ def _check_same_batch(i: int, layer, first) -> None:
 
 def projected_adam_step_(
     params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
-    residual_scale, *, memory=True,
+    residual_scale, rounding_seed=None, rounding_streams=None, *, memory=True,
 ) -> None:  # fmt: skip
     check_choice(side, "side", SIDES)
     k = len(params)
@@ -166,6 +190,10 @@ def projected_adam_step_(
             raise ValueError(f"{nm}: expected {k} tensors (one per param), got {len(xs)}")
     if len(steps) != k:
         raise ValueError(f"steps: expected {k} ints (one per param), got {len(steps)}")
+    if (rounding_seed is None) != (rounding_streams is None):
+        raise ValueError("rounding_seed, rounding_streams: give both or neither")
+    if rounding_streams is not None:
+        check_streams(rounding_streams, k, "rounding_streams")
     for s in steps:
         if s < 1:
             raise ValueError(f"steps: each must be >= 1 (the step being taken, counted from 1), got {s}")

@@ -46,6 +46,19 @@ def _hyper(lr, beta1, beta2, eps, weight_decay, scale, residual_scale) -> tuple[
     return tuple(_float(v, n) for v, n in zip((lr, beta1, beta2, eps, weight_decay, scale, residual_scale), names))
 
 
+def _rounding(seed: int | None, streams: Sequence[int] | None, names: str) -> tuple[int | None, list[int] | None]:
+    """The op's (rounding_seed, rounding_streams): a seed in [0, 2^64) to its int64 encoding, the
+    streams as a list of ints (their range is the op's validator's business)."""
+    if (seed is None) != (streams is None):
+        raise ValueError(f"{names}: give both or neither")
+    if seed is None or streams is None:
+        return None, None
+    if isinstance(streams, (str, torch.Tensor)) or not isinstance(streams, Sequence):
+        raise TypeError(f"rounding_streams: expected a list of ints (one per layer), got {type(streams).__name__}")
+    rstreams = [_checks.as_int(s, f"rounding_streams[{k}]") for k, s in enumerate(streams)]
+    return _checks.seed_to_int64(seed, "rounding_seed"), rstreams
+
+
 def _steps(step: int | Sequence[int], count: int) -> list[int]:
     if isinstance(step, Sequence) and not isinstance(step, str):
         steps = [_checks.as_int(s, f"step[{i}]") for i, s in enumerate(step)]
@@ -71,6 +84,8 @@ def projected_adam_step_(
     scale: float = 1.0,
     side: str,
     residual_scale: float = 0.0,
+    rounding_seed: int | None = None,
+    rounding_stream: int | None = None,
 ) -> None:
     """One Adam step inside the subspace of ``proj``, in place on ``param``, ``exp_avg``, ``exp_avg_sq``.
 
@@ -90,13 +105,25 @@ def projected_adam_step_(
     Arithmetic is float32 whatever the dtypes; ``param`` (float32/bfloat16/float16) and the
     moments (float32 or bfloat16) are each rounded once. ``step`` counts from 1. Errors name the
     arguments as the op sees them (``params[0]``, ``grads[0]``, ...).
+
+    ``rounding_seed`` (in [0, 2^64)) and ``rounding_stream`` (in [0, 2^32)), both or neither: a
+    bfloat16/float16 ``param`` is rounded stochastically instead of to nearest, element ``i`` of
+    its ``m x n`` view with the rounding word ``i`` of stream ``(rounding_seed, rounding_stream)``
+    (``docs/rng.md``, "The rounding stream"). Unbiased, so updates far below half an ulp of the
+    parameter accumulate in expectation instead of vanishing. The moments round to nearest.
     """
     lr, beta1, beta2, eps, weight_decay, scale, residual_scale = _hyper(
         lr, beta1, beta2, eps, weight_decay, scale, residual_scale
     )
+    streams = None
+    if rounding_stream is not None:
+        streams = [_checks.as_int(rounding_stream, "rounding_stream")]
+        if not 0 <= streams[0] < _checks.STREAM_LIMIT:
+            raise ValueError(f"rounding_stream: must lie in [0, 2**32), got {streams[0]}")
+    rseed, rstreams = _rounding(rounding_seed, streams, "rounding_seed, rounding_stream")
     _ops.projected_adam_step_(
         [param], [grad], [proj], [exp_avg], [exp_avg_sq], _steps(step, 1), lr, beta1, beta2, eps, weight_decay,
-        scale, side, residual_scale,
+        scale, side, residual_scale, rseed, rstreams,
     )  # fmt: skip
 
 
@@ -116,18 +143,23 @@ def projected_adam_step_batched_(
     scale: float = 1.0,
     side: str,
     residual_scale: float = 0.0,
+    rounding_seed: int | None = None,
+    rounding_streams: Sequence[int] | None = None,
 ) -> None:
     """:func:`projected_adam_step_` for a batch of layers of ONE shape and dtype set, in one call.
 
     Each argument is a list of tensors (one per layer; they need not be adjacent in memory) or one
     stacked tensor whose dim 0 indexes the layers (it is unbound into views, so the update lands
     in it). ``step`` is one int or one per layer (a layer whose moments were reset restarts at 1).
+    ``rounding_seed`` and ``rounding_streams`` (one stream per layer), both or neither: stochastic
+    rounding of 16-bit parameters, layer ``l`` with the stream ``rounding_streams[l]``.
     On CUDA the Triton backend runs the whole batch in two launches; elsewhere it loops.
     """
     names = ("params", "grads", "projs", "exp_avgs", "exp_avg_sqs")
     lists = [_as_list(x, nm) for x, nm in zip((params, grads, projs, exp_avgs, exp_avg_sqs), names)]
     hyper = _hyper(lr, beta1, beta2, eps, weight_decay, scale, residual_scale)
-    _ops.projected_adam_step_(*lists, _steps(step, len(lists[0])), *hyper[:6], side, hyper[6])
+    rseed, rstreams = _rounding(rounding_seed, rounding_streams, "rounding_seed, rounding_streams")
+    _ops.projected_adam_step_(*lists, _steps(step, len(lists[0])), *hyper[:6], side, hyper[6], rseed, rstreams)
 
 
 def moment_transform_(

@@ -41,6 +41,7 @@ def seeded_axpby_(
     first_stream: int = 0,
     row_vectors: Sequence[torch.Tensor] | None = None,
     gamma: float | Sequence[float] | None = None,
+    rounding_seed: int | None = None,
 ) -> torch.Tensor:
     """In place, one pass: ``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k 1 a_k^T]``; returns ``sum(z_k^2)``.
 
@@ -51,6 +52,12 @@ def seeded_axpby_(
     ``1 x numel``) the rank-one term ``gamma_k a_k[j]`` is added to every element of column ``j``
     (LOREN's perturbation). Tensors must be contiguous, share one device and not overlap in memory.
     Returns a float32 tensor of the K squared norms ``sum(z_k^2)``, computed in the same pass.
+
+    ``rounding_seed`` (in [0, 2^64)): bfloat16 and float16 tensors round their float32 result
+    stochastically instead of to nearest, element ``i`` of ``t_k`` with the rounding word of stream
+    ``(rounding_seed, s_k)`` (``docs/rng.md``, "The rounding stream"): unbiased, ``E[t_k] = v`` for the
+    float32 value ``v``, so updates far below half an ulp accumulate in expectation instead of
+    vanishing. float32 tensors are unaffected. Costs one more Philox call per 4 elements.
     """
     # Fast paths for the common argument types: this is the hottest call of every optimizer step.
     ts = tensors if type(tensors) is list else _tensor_list(tensors)
@@ -64,7 +71,38 @@ def seeded_axpby_(
         rows = _tensor_list(row_vectors, "row_vectors")
         gammas = _checks.per_tensor(gamma, n, "gamma")
     seed64 = seed if type(seed) is int and 0 <= seed < _INT63 else _checks.seed_to_int64(seed)
-    return _ops.seeded_axpby_(ts, seed64, _streams(streams, first_stream, n), alphas, betas, rows, gammas)
+    streams = _streams(streams, first_stream, n)
+    if rounding_seed is None:
+        return _ops.seeded_axpby_(ts, seed64, streams, alphas, betas, rows, gammas)
+    rseed64 = _checks.seed_to_int64(rounding_seed, "rounding_seed")
+    return _ops.seeded_axpby_(ts, seed64, streams, alphas, betas, rows, gammas, rseed64)
+
+
+def stochastic_round_(
+    dst: Sequence[torch.Tensor],
+    src: Sequence[torch.Tensor],
+    seed: int,
+    *,
+    streams: Sequence[int] | None = None,
+    first_stream: int = 0,
+) -> None:
+    """In place ``dst_k <- SR(src_k)``: float32 values rounded stochastically, reproducibly from a seed.
+
+    Element ``i`` (flat row-major index) of ``dst_k`` gets ``src_k[i]`` rounded down or up to a
+    neighbouring value of ``dst_k``'s dtype, up with probability equal to the distance from the
+    lower one in ulps, decided by the rounding word of index ``i`` of stream ``(seed, s_k)``,
+    ``s_k = streams[k]`` (default: ``first_stream + k``) (``docs/rng.md``, "The rounding stream").
+    Unbiased: ``E[dst_k] = src_k``; NaN, Inf, values beyond the dtype's largest finite value and,
+    for bfloat16, values below 2^-126 in magnitude are rounded to nearest. ``dst_k``: bfloat16 or
+    float16 (a float32 ``dst_k`` gets a plain copy); ``src_k``: float32 of the same shape, both
+    contiguous on one device. No ``dst_k`` may overlap another ``dst`` or any ``src``. The result
+    is bitwise the same on every backend. Used to write back the float32 image of a low-precision
+    parameter after an update.
+    """
+    ds = dst if type(dst) is list else _tensor_list(dst, "dst")
+    ss = src if type(src) is list else _tensor_list(src, "src")
+    seed64 = seed if type(seed) is int and 0 <= seed < _INT63 else _checks.seed_to_int64(seed)
+    _ops.stochastic_round_(ds, ss, seed64, _streams(streams, first_stream, len(ds)))
 
 
 def seeded_colsum(

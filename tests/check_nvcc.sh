@@ -7,7 +7,8 @@
 #     are errors, and the register / spill report is printed;
 #  2. the pybind11 launchers (csrc/cuda/*.cpp) pass g++ -fsyntax-only, when python has pybind11;
 #  3. the host self-test of the Philox and Box-Muller code runs, plainly and with each pattern of
-#     worst-case intrinsic errors (tests/cuda/philox_gauss_selftest.cu).
+#     worst-case intrinsic errors (tests/cuda/philox_gauss_selftest.cu), and the host self-test of
+#     the rounding stream's words and integer rounding (tests/cuda/stochastic_round_selftest.cu).
 #
 # Environment: CUDA_HOME (default: nvcc on PATH, then /usr/local/cuda), LORENZA_CHECK_ARCHS
 # (default "80 90"), PYTHON (default python3). Usage: tests/check_nvcc.sh
@@ -76,4 +77,7 @@ for err in 0 1 2 3 4; do
   "$NVCC" -std=c++17 -O2 -Icsrc -DLORENZA_MUFU_ERROR=$err tests/cuda/philox_gauss_selftest.cu -o "$TMP/selftest"
   "$TMP/selftest"
 done
+echo "== host self-test of the rounding stream (csrc/common/stochastic_round.h, rounding4)"
+"$NVCC" -std=c++17 -O2 -Icsrc tests/cuda/stochastic_round_selftest.cu -o "$TMP/srtest"
+"$TMP/srtest"
 echo "check_nvcc: all passed"

@@ -15,9 +15,10 @@ from conftest import AXPBY_TOL
 
 import lorenza_kernels as lk
 from lorenza_kernels import _ext
+from lorenza_kernels._dtypes import CODES
 from lorenza_kernels._shapes import matrix_dims
 from lorenza_kernels.reference import seeded_ops as ref
-from lorenza_kernels.reference.rng import gaussian_flat
+from lorenza_kernels.reference.rng import gaussian_flat, stochastic_round_range
 
 if not _ext.has_cpu_kernels():
     pytest.skip(f"CPU kernels not built ({_ext.error})", allow_module_level=True)
@@ -164,15 +165,29 @@ def _mixed_inputs():
     return ts, [torch.randn(matrix_dims(t)[1]) for t in ts], _seed(), _stream(len(ts))
 
 
+def _round_at(dst, src, offsets, seed, streams):
+    """The CPU kernel of stochastic_round_ with element offsets (what the CPU projected Adam uses)."""
+    _C.stochastic_round_cpu([d.data_ptr() for d in dst], [s.data_ptr() for s in src], [d.numel() for d in dst],
+                            [CODES[d.dtype] for d in dst], offsets, seed, streams, torch.get_num_threads())  # fmt: skip
+
+
 def _all_ops(ts, rows, seed, stream):
-    """Every op on a mixed list: axpby with beta 0 (poisoned) and 0.5, the rank-1 term, colsums."""
+    """Every op on a mixed list: axpby with beta 0 (poisoned) and 0.5, the rank-1 term, with and
+    without stochastic rounding; colsums; stochastic_round_, also at element offsets inside a tile."""
     out0 = [torch.full_like(t, float("nan")) for t in ts]
     out1 = [t.clone() for t in ts]
+    out2 = [t.clone() for t in ts]
     n0 = _run("cpu", out0, seed, -1.1, 0.0, stream)
     n1 = _run("cpu", out1, seed, 0.9, 0.5, stream, rows, 0.3)
     with lk.use_backend("cpu"):
+        n2 = lk.seeded_axpby_(out2, seed, 1e-3, 1.0, first_stream=stream, rounding_seed=seed ^ 0x5DEECE66D)
         cols = lk.seeded_colsum(ts, seed, first_stream=stream)
-    return out0 + out1 + [n0, n1] + cols
+        src = [t.float() * 1.001 for t in ts]
+        out3 = [torch.full_like(t, float("nan")) for t in ts]
+        lk.stochastic_round_(out3, src, seed, first_stream=stream)
+    out4 = [torch.full_like(t, float("nan")) for t in ts]
+    _round_at(out4, src, [1, 63, 5, 4 * CHUNK - 3, 0, 2][: len(ts)], seed, list(range(len(ts))))
+    return out0 + out1 + out2 + out3 + out4 + [n0, n1, n2] + cols
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -274,3 +289,53 @@ def test_direct_op_call_is_checked():
             torch.ops.lorenza_kernels.seeded_axpby_([torch.zeros(4, 5)], 0, [0], [1.0], [1.0], [torch.zeros(3)], [1.0])
         with pytest.raises((ValueError, RuntimeError), match="contiguous"):
             torch.ops.lorenza_kernels.seeded_axpby_([torch.zeros(5, 4).t()], 0, [0], [1.0], [1.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+def test_stochastic_round_offsets(isa, dtype):
+    """Element i of a part that starts at element ``offset`` of a larger tensor draws the rounding
+    word of index offset + i: rounding the parts (any offsets, inside a Philox block or a tile,
+    across the kernel's chunks) gives the bits of rounding the whole (the reference's)."""
+    n = 3 * CHUNK + 77
+    src = torch.randn(n) * 10.0 ** random.uniform(-3, 3)
+    seed, stream = _seed(), _stream()
+    want = stochastic_round_range(src, 0, seed, stream, dtype)
+    whole = torch.full((n,), float("nan"), dtype=dtype)
+    _round_at([whole], [src], [0], seed, [stream])
+    assert torch.equal(whole.view(torch.int16), want.view(torch.int16)), f"seed={seed} stream={stream}"
+    cuts = {0, n, 1, 2, 3, 5, 63, 64, 65, 130, CHUNK - 1, CHUNK + 2, 2 * CHUNK + 61}
+    cuts = sorted(cuts | set(random.sample(range(n), 8)))
+    parts = torch.full((n,), float("nan"), dtype=dtype)
+    pieces = list(zip(cuts, cuts[1:]))
+    _round_at([parts[a:b] for a, b in pieces], [src[a:b] for a, b in pieces], [a for a, _ in pieces], seed,
+              [stream] * len(pieces))  # fmt: skip
+    assert torch.equal(parts.view(torch.int16), want.view(torch.int16)), f"seed={seed} stream={stream} cuts={cuts}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+def test_axpby_rounding_matches_reference_across_chunks(isa, dtype):
+    """seeded_axpby_ with a rounding seed over tensors longer than a chunk (several OpenMP tasks),
+    every ISA: the reference's rounding of the kernel's own float32 value, bit for bit."""
+    t0 = torch.randn(2, CHUNK + 5).to(dtype)
+    seed, rseed, stream = _seed(), _seed(), _stream()
+    ours, v = t0.clone(), t0.to(torch.float32, copy=True)
+    with lk.use_backend("cpu"):
+        lk.seeded_axpby_([ours], seed, 3e-3, 1.0, first_stream=stream, rounding_seed=rseed)
+        lk.seeded_axpby_([v], seed, 3e-3, 1.0, first_stream=stream)
+    want = stochastic_round_range(v, 0, rseed, stream, dtype).view(t0.shape)
+    assert torch.equal(ours.view(torch.int16), want.view(torch.int16)), f"seed={seed} rseed={rseed}"
+    plain = t0.clone()
+    with lk.use_backend("cpu"):
+        lk.seeded_axpby_([plain], seed, 3e-3, 1.0, first_stream=stream)
+    assert not torch.equal(ours, plain)  # (with overwhelming probability) the rounding differs somewhere
+
+
+def test_stochastic_round_binding_rejects_bad_arguments():
+    d, s = torch.empty(8, dtype=torch.bfloat16), torch.zeros(8)
+    args = dict(dst_ptrs=[d.data_ptr()], src_ptrs=[s.data_ptr()], numels=[8], dtypes=[1], offsets=[0], seed=0,
+                streams=[0], num_threads=1)  # fmt: skip
+    for bad in (dict(dtypes=[7]), dict(offsets=[-1]), dict(numels=[-1]), dict(streams=[1 << 32]), dict(src_ptrs=[0]),
+                dict(offsets=[]), dict(streams=[])):  # fmt: skip
+        with pytest.raises(ValueError):
+            _C.stochastic_round_cpu(**{**args, **bad})
+    _C.stochastic_round_cpu(**args)

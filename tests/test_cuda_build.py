@@ -34,6 +34,7 @@ def so():
 def test_registered_for_cuda(so):
     assert _registry.implementation("seeded_axpby_", "cuda", "cuda") is so.seeded_axpby_
     assert _registry.implementation("seeded_colsum", "cuda", "cuda") is so.seeded_colsum
+    assert _registry.implementation("stochastic_round_", "cuda", "cuda") is so.stochastic_round_
     assert _registry.implementation("seeded_axpby_", "cuda", "cpu") is None
     assert "cuda" in _registry.available("seeded_axpby_")["seeded_axpby_"]["cuda"]
 
@@ -48,7 +49,7 @@ def test_import_does_not_initialise_cuda():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("record", ["axpby", "colsum"])
+@pytest.mark.parametrize("record", ["axpby", "colsum", "round"])
 def test_record_layout(so, record):
     dt = getattr(so.layout(), record)
     assert dt.itemsize == 64
@@ -84,6 +85,31 @@ def test_axpby_table(so):
     assert rec["read_t"].tolist() == [1, 0, 1, 0, 1]  # decided on the float64 beta, as the reference
     assert rec["alpha"][0] == np.float32(0.1)
     assert rec["row"].tolist() == [rows[0].data_ptr(), 0, rows[2].data_ptr(), rows[3].data_ptr(), rows[4].data_ptr()]
+
+
+def test_round_table(so):
+    """One record per (dst, src) pair: addresses, sizes, dtype codes, streams in any order, and chunks
+    of 16-byte units of dst (8 elements of a 16-bit dst, 4 of a float32 one)."""
+    lay = so.layout()
+    storage = torch.zeros(10_000, dtype=torch.float16)
+    dst = [
+        torch.zeros(5, dtype=torch.bfloat16),
+        storage[3 : 3 + 37 * 41].view(37, 41),  # misaligned: the narrow-access path
+        torch.zeros(0, dtype=torch.bfloat16),
+        torch.zeros(lay.chunk_units * 4 + 1),  # float32: one element past a chunk edge
+        torch.zeros(lay.chunk_units * 8, dtype=torch.bfloat16),  # exactly one chunk
+    ]
+    src = [torch.zeros(d.shape) for d in dst]
+    streams = [2**32 - 1, 0, 7, 3, 2**31]
+    rec, chunks = so.round_table(dst, src, streams)
+    n_chunks = [_cdiv(_cdiv(d.numel(), lay.unit_bytes // d.element_size()), lay.chunk_units) for d in dst]
+    assert n_chunks == [1, 1, 0, 2, 1] and chunks == sum(n_chunks)
+    assert rec["chunk_begin"].tolist() == np.cumsum([0, *n_chunks[:-1]]).tolist()
+    assert rec["dst"].tolist() == [d.data_ptr() for d in dst] and rec["src"].tolist() == [x.data_ptr() for x in src]
+    assert rec["dst"][1] % 16 == 6
+    assert rec["numel"].tolist() == [d.numel() for d in dst]
+    assert rec["stream"].tolist() == streams
+    assert rec["dtype"].tolist() == [1, 2, 1, 0, 1]
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,15 @@ reference against torch.optim.AdamW itself (identity basis, scale 1)."""
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 import torch
 from conftest import dtype_id, require_backend
 
 import lorenza_kernels as lk
+from lorenza_kernels.reference.rng import stochastic_round_range
 
 OP = "projected_adam_step_"
 SIDES = ("left", "right")
@@ -314,3 +318,263 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(got, want)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+# --- stochastic rounding of the parameter (docs/rng.md, "The rounding stream") ---------------------
+
+ROUNDING_BACKENDS = [pytest.param("reference", id="reference"), *FAST]
+
+
+def _sr_of(w32: torch.Tensor, dtype: torch.dtype, seed: int, stream: int) -> torch.Tensor:
+    """The reference's stochastic rounding of a float32 parameter image (its m x n flat order)."""
+    return stochastic_round_range(w32, 0, seed, stream, dtype).view(w32.shape)
+
+
+def _step_pair(backend, w, g, q, ma, va, seed, stream, **kw):
+    """One step of ``backend`` with stochastic rounding, and the same step on a float32 copy of the
+    parameter (its float32 value before rounding); returns (w, m, v, w32, m32, v32), inputs untouched."""
+    out = [t.clone() for t in (w, ma, va)]
+    w32, m32, v32 = w.float(), ma.clone(), va.clone()
+    with lk.use_backend(backend):
+        lk.projected_adam_step_(out[0], g, q, out[1], out[2], rounding_seed=seed, rounding_stream=stream, **kw)
+        lk.projected_adam_step_(w32, g, q, m32, v32, **kw)
+    return (*out, w32, m32, v32)
+
+
+@pytest.mark.parametrize("blocks", ["one-block", "tiny-blocks"])
+@pytest.mark.parametrize("rs", [0.0, 0.5])
+@pytest.mark.parametrize("pdt", [BF16, F16], ids=dtype_id)
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("backend", ROUNDING_BACKENDS)
+def test_rounding_matches_reference(backend, side, pdt, rs, blocks, monkeypatch):
+    """Three steps with a rounding seed. Each backend's parameter is, bit for bit, the reference's
+    stochastic rounding of the float32 value the backend computes (the same call on a float32 copy
+    of the parameter: the arithmetic does not depend on W's storage dtype); so wherever that value
+    equals the reference backend's, the stored bits are the reference's too, and elsewhere they are
+    at most one ulp apart. The moments are those of the unrounded call. Tiny blocks (CPU): W is
+    written back in blocks of 4 rows, each rounded with its element offset."""
+    require_backend(OP, backend, "cpu")
+    if blocks == "tiny-blocks":
+        if backend != "cpu":
+            pytest.skip("the block size is a CPU fast-path parameter")
+        from lorenza_kernels.cpu import projected_adam as cpu_impl
+
+        monkeypatch.setattr(cpu_impl, "_BLOCK_BYTES", 16)
+        monkeypatch.setattr(cpu_impl, "_ADAM_CHUNK", 7)
+    shape, r = (37, 23), 5
+    w, q, ma, va = _layer(shape, r, side, pdt, F32, pdt)
+    seed, stream = random.getrandbits(64), random.getrandbits(32)
+    for step in range(1, 4):
+        g = torch.randn(shape).to(pdt)
+        kw = dict(step=step, side=side, residual_scale=rs, **HYPER)
+        wb, mb, vb, wb32, mb32, vb32 = _step_pair(backend, w, g, q, ma, va, seed, stream, **kw)
+        wr, mr, vr, wr32, _, _ = _step_pair("reference", w, g, q, ma, va, seed, stream, **kw)
+        msg = f"{backend}: seed={seed} stream={stream} step={step}"
+        assert torch.equal(wb, _sr_of(wb32, pdt, seed, stream)), msg
+        assert torch.equal(mb, mb32) and torch.equal(vb, vb32), msg
+        same = wb32 == wr32
+        assert same.float().mean().item() > 0.1, msg  # the comparison below must mean something
+        assert torch.equal(wb[same], wr[same]), msg
+        ulp = torch.finfo(pdt).eps * torch.maximum(wb.float().abs(), wr.float().abs()).clamp(min=2.0**-14)
+        assert bool(((wb.float() - wr.float()).abs() <= ulp).all()), msg
+        w, ma, va = wr, mr, vr  # the next step starts from the reference's state: no amplification
+
+
+def test_cpu_rounding_without_the_extension(monkeypatch):
+    """The CPU fast path needs no extension: without it each block of W is rounded by the
+    reference's stochastic rounding, which gives the C++ kernel's bits (4-row blocks: offsets)."""
+    from lorenza_kernels import _ext
+    from lorenza_kernels.cpu import projected_adam as cpu_impl
+
+    if _ext._C is None:
+        pytest.skip("the extension is not built: nothing to compare with")
+    monkeypatch.setattr(cpu_impl, "_BLOCK_BYTES", 16)
+    w, q, ma, va = _layer((13, 11), 3, "right", F16, F32, F32)
+    g = torch.randn(13, 11)
+    a, b = [t.clone() for t in (w, ma, va)], [t.clone() for t in (w, ma, va)]
+    kw = dict(step=2, side="right", rounding_seed=(1 << 63) + 9, rounding_stream=4, **HYPER)
+    with lk.use_backend("cpu"):
+        lk.projected_adam_step_(a[0], g, q, a[1], a[2], **kw)
+        monkeypatch.setattr(_ext, "_C", None)
+        lk.projected_adam_step_(b[0], g, q, b[1], b[2], **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("backend", ROUNDING_BACKENDS)
+def test_rounding_leaves_float32_params_alone(backend):
+    require_backend(OP, backend, "cpu")
+    w, q, ma, va = _layer((12, 9), 3, "right")
+    g = torch.randn(12, 9)
+    a, b = [t.clone() for t in (w, ma, va)], [t.clone() for t in (w, ma, va)]
+    with lk.use_backend(backend):
+        lk.projected_adam_step_(a[0], g, q, a[1], a[2], step=1, side="right", rounding_seed=5, rounding_stream=1,
+                                **HYPER)  # fmt: skip
+        lk.projected_adam_step_(b[0], g, q, b[1], b[2], step=1, side="right", **HYPER)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("backend", ROUNDING_BACKENDS)
+@pytest.mark.parametrize("side", SIDES)
+def test_rounding_batched_streams(backend, side):
+    """Layer l of a batch is rounded with rounding_streams[l] (repeats allowed), exactly as alone;
+    stacked tensors too (views at offsets into one storage)."""
+    require_backend(OP, backend, "cpu")
+    layers = [_layer((10, 2, 8), 3, side, BF16, F32, F32) for _ in range(3)]
+    grads = [torch.randn(10, 2, 8).to(BF16) for _ in layers]
+    steps, streams, seed = [1, 4, 2], [9, 2, 9], random.getrandbits(64)
+    kw = dict(side=side, residual_scale=0.5, **HYPER)
+    alone = [[t.clone() for t in layer] for layer in layers]
+    with lk.use_backend(backend):
+        for (w, q, ma, va), g, s, st in zip(alone, grads, steps, streams):
+            lk.projected_adam_step_(w, g, q, ma, va, step=s, rounding_seed=seed, rounding_stream=st, **kw)
+        listed = [[t.clone() for t in layer] for layer in layers]
+        ws, qs, mas, vas = (list(x) for x in zip(*listed))
+        lk.projected_adam_step_batched_(ws, grads, qs, mas, vas, step=steps, rounding_seed=seed,
+                                        rounding_streams=streams, **kw)  # fmt: skip
+        stacked = [torch.stack([layer[k] for layer in layers]) for k in range(4)]
+        lk.projected_adam_step_batched_(stacked[0], torch.stack(grads), *stacked[1:], step=steps, rounding_seed=seed,
+                                        rounding_streams=streams, **kw)  # fmt: skip
+    for i, want in enumerate(alone):
+        assert torch.equal(listed[i][0], want[0]), f"layer {i}, seed={seed}"
+        # stacked views: BLAS blocking may differ (alignment), so the float32 value may too
+        torch.testing.assert_close(stacked[0][i].float(), want[0].float(), atol=1e-2, rtol=2**-7)
+    # two layers with the same values and different streams round differently somewhere
+    a, b = [t.clone() for t in layers[0]], [t.clone() for t in layers[0]]
+    with lk.use_backend(backend):
+        lk.projected_adam_step_batched_([a[0], b[0]], [grads[0], grads[0].clone()], [a[1], b[1]], [a[2], b[2]],
+                                        [a[3], b[3]], step=1, rounding_seed=seed, rounding_streams=[0, 1],
+                                        **kw)  # fmt: skip
+    assert not torch.equal(a[0], b[0])
+
+
+def _tiny_lr_run(backend, w, g, q, ma, va, steps, side, lr, rounding_seed=None, record=False):
+    """``steps`` steps with a fixed gradient; returns the sum over steps of |W(t+1) - W(t)| if asked."""
+    moved = torch.zeros(w.shape, dtype=torch.float64) if record else None
+    kw = dict(lr=lr, beta1=0.9, beta2=0.99, eps=1e-8, side=side)
+    with lk.use_backend(backend):
+        for step in range(1, steps + 1):
+            before = w.double() if record else None
+            rounding = {} if rounding_seed is None else dict(rounding_seed=(rounding_seed + step) % 2**64,
+                                                             rounding_stream=3)  # fmt: skip
+            lk.projected_adam_step_(w, g, q, ma, va, step=step, **rounding, **kw)
+            if record:
+                moved += (w.double() - before).abs()
+    return moved
+
+
+@pytest.mark.parametrize("pdt", [BF16, F16], ids=dtype_id)
+@pytest.mark.parametrize("backend", ROUNDING_BACKENDS)
+def test_tiny_lr_rounding_follows_float32_over_thousands_of_steps(backend, pdt):
+    """A 24 x 16 parameter with entries of magnitude in [1.25, 1.75), a fixed gradient and a tiny lr
+    (1e-4, for bfloat16 raised to 2.5e-4 over fewer steps): every step moves W by at most a few
+    1e-4, far below half an ulp (2^-8 in bfloat16, 2^-11 in float16), for 5000 steps (reference
+    2000, Triton interpreter 1000).
+
+    - Round to nearest stalls: W never changes (over 200 steps, 50 under the Triton interpreter;
+      each step then recomputes the same values from the same W, with moments that do not depend
+      on W).
+    - Stochastic rounding follows the float32 run (the same steps on a float32 copy; Adam's update
+      does not depend on W here, wd = 0): at each step W is on the grid and the rounding error has
+      mean 0 and variance frac (1 - frac) ulp^2 <= |step| ulp, so over the run
+      Var[W_sr - W_f32] <= ulp sum_t |step_t| (measured on the float32 run). The mean error over the
+      384 elements is within 5 of its standard deviations, every element within 6 of its own, and
+      each element's total change correlates with the float32 one.
+    """
+    require_backend(OP, backend, "cpu")
+    steps = {"reference": 2000, "triton": 1000}.get(backend, 5000)
+    lr = 1e-4 * max(1.0, 2500 / steps) if pdt == BF16 else 1e-4  # a drift of 10 ulps or more
+    side = "left" if pdt == BF16 else "right"
+    m, n, r = 24, 16, 4
+    gen = torch.Generator().manual_seed(random.getrandbits(31))
+    sign = torch.where(torch.rand(m, n, generator=gen) < 0.5, -1.0, 1.0)
+    w0 = (sign * (1.25 + 0.5 * torch.rand(m, n, generator=gen))).to(pdt)
+    g = torch.randn(m, n, generator=gen)
+    q = torch.linalg.qr(torch.randn(m if side == "left" else n, r, generator=gen, dtype=torch.float64))[0].float()
+    mshape = (r, n) if side == "left" else (m, r)
+    w_sr, w_f32, w_rne = w0.clone(), w0.float(), w0.clone()
+    seed = random.getrandbits(64)
+    _tiny_lr_run(backend, w_sr, g, q, torch.zeros(mshape), torch.zeros(mshape), steps, side, lr, rounding_seed=seed)
+    # the float32 trajectory and the size of its steps: on the CPU backend (BLAS; any backend's float32
+    # value agrees to float32 rounding, far below the bfloat16/float16 ulps compared here)
+    path = _tiny_lr_run("cpu", w_f32, g, q, torch.zeros(mshape), torch.zeros(mshape), steps, side, lr, record=True)
+    _tiny_lr_run(backend, w_rne, g, q, torch.zeros(mshape), torch.zeros(mshape), 50 if steps < 2000 else 200, side, lr)
+    assert torch.equal(w_rne, w0), "round to nearest must lose every update below half an ulp"
+    ulp = torch.finfo(pdt).eps  # the ulp of [1, 2), where every entry stays
+    drift = w_f32.double() - w0.double()
+    assert drift.abs().mean().item() > 5 * ulp, "the float32 run must move by several ulps"
+    err = w_sr.double() - w_f32.double()
+    var = ulp * path  # per element
+    msg = f"{backend} {pdt}: seed={seed}, mean error {err.mean().item():.3g}"
+    assert abs(err.mean().item()) <= 5 * math.sqrt(var.sum().item()) / err.numel(), msg
+    assert bool((err.abs() <= 6 * var.sqrt() + 1e-12).all()), msg
+    moved = w_sr.double() - w0.double()
+    assert torch.corrcoef(torch.stack([moved.reshape(-1), drift.reshape(-1)]))[0, 1].item() > 0.8, msg
+
+
+def test_rounding_opcheck_and_compile():
+    layers = [_layer((6, 5), 2, "left", BF16) for _ in range(2)]
+    ws, qs, mas, vas = (list(x) for x in zip(*layers))
+    grads = [torch.randn(6, 5).to(BF16) for _ in layers]
+    args = (ws, grads, qs, mas, vas, [1, 3], 0.1, 0.9, 0.999, 1e-8, 0.01, 0.25, "left", 0.5, -77, [3, 2**32 - 1])
+    torch.library.opcheck(torch.ops.lorenza_kernels.projected_adam_step_.default, args)
+
+    def step(w, g, q, m, v):
+        torch.ops.lorenza_kernels.projected_adam_step_([w], [g], [q], [m], [v], [1], 1e-2, 0.9, 0.999, 1e-8, 0.0,
+                                                        1.0, "right", 0.0, 12345, [7])  # fmt: skip
+        return w.float().sum()
+
+    def fresh():
+        torch.manual_seed(0)
+        q = torch.linalg.qr(torch.randn(6, 3))[0]
+        return torch.randn(8, 6).to(BF16), torch.randn(8, 6), q, torch.zeros(8, 3), torch.zeros(8, 3)
+
+    eager, compiled = fresh(), fresh()
+    want = step(*eager)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (dict(rounding_seed=1), "rounding_seed, rounding_stream"),
+        (dict(rounding_stream=1), "rounding_seed, rounding_stream"),
+        (dict(rounding_seed=1 << 64, rounding_stream=1), "rounding_seed"),
+        (dict(rounding_seed=-1, rounding_stream=1), "rounding_seed"),
+        (dict(rounding_seed=1, rounding_stream=1 << 32), "rounding_stream"),
+        (dict(rounding_seed=1, rounding_stream=1.5), "rounding_stream"),
+    ],
+)
+def test_bad_rounding_arguments_raise_and_leave_everything_untouched(override, needle):
+    kwargs = _valid()
+    kwargs["param"] = kwargs["param"].to(BF16)
+    kwargs.update(override)
+    before = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises((ValueError, TypeError), match=needle):
+        lk.projected_adam_step_(**kwargs)
+    for k, v in before.items():
+        assert torch.equal(kwargs[k], v)
+
+
+@pytest.mark.parametrize("backend", ROUNDING_BACKENDS)
+def test_bad_rounding_arguments_direct_and_batched(backend):
+    require_backend(OP, backend, "cpu")
+    w, q, ma, va = _layer((8, 6), 3, "left", BF16)
+    g = torch.randn(8, 6)
+    before = w.clone()
+    base = ([w], [g], [q], [ma], [va], [1], 0.1, 0.9, 0.999, 1e-8, 0.0, 1.0, "left", 0.0)
+    op = torch.ops.lorenza_kernels.projected_adam_step_
+    with lk.use_backend(backend):
+        for extra, needle in [((5, None), "give both"), ((None, [1]), "give both"), ((5, [1, 2]), "rounding_streams"),
+                              ((5, [-1]), r"rounding_streams\[0\]")]:  # fmt: skip
+            with pytest.raises(ValueError, match=needle):
+                op(*base, *extra)
+        with pytest.raises(ValueError, match="rounding_streams"):
+            lk.projected_adam_step_batched_([w], [g], [q], [ma], [va], step=1, lr=0.1, side="left", rounding_seed=3,
+                                            rounding_streams=[1, 2])  # fmt: skip
+        with pytest.raises(TypeError, match="rounding_streams"):
+            lk.projected_adam_step_batched_([w], [g], [q], [ma], [va], step=1, lr=0.1, side="left", rounding_seed=3,
+                                            rounding_streams=4)  # fmt: skip
+    assert torch.equal(w, before)

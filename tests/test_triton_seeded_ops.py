@@ -23,7 +23,7 @@ from lorenza_kernels import _registry, use_backend  # noqa: E402
 from lorenza_kernels import seeded_axpby_ as public_axpby_  # noqa: E402
 from lorenza_kernels._shapes import matrix_dims  # noqa: E402
 from lorenza_kernels.reference import seeded_ops as ref  # noqa: E402
-from lorenza_kernels.reference.rng import gaussian_range  # noqa: E402
+from lorenza_kernels.reference.rng import gaussian_range, rounding_words, stochastic_round  # noqa: E402
 from lorenza_kernels.triton import rng as trng  # noqa: E402
 from lorenza_kernels.triton import seeded_ops as tops  # noqa: E402
 
@@ -278,3 +278,100 @@ def test_registered_and_public_api(dev):
     ref_norms = ref.seeded_axpby_([want], _i64(seed), [2], [0.1], [1.0])
     torch.testing.assert_close(t.float(), want.float(), **dict(zip(("atol", "rtol"), AXPBY_TOL[torch.bfloat16])))
     torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-5)
+
+
+# --- stochastic rounding (docs/rng.md, "The rounding stream") -------------------------------------
+
+
+@triton.jit
+def _rounding_words_probe(out_ptr, args_ptr, N: tl.constexpr):
+    seed = tl.load(args_ptr).to(tl.uint64, bitcast=True)
+    stream = tl.load(args_ptr + 1).to(tl.uint32)
+    first = tl.load(args_ptr + 2)  # a block index
+    tl.store(out_ptr + tl.arange(0, N), trng.rounding_words(seed, first, stream, N // 4).to(tl.int64))
+    idx = first * 4 + 3 + tl.arange(0, N)  # starts inside a block: one Philox call per element
+    tl.store(out_ptr + N + tl.arange(0, N), trng.rounding_word_at(seed, idx, stream).to(tl.int64))
+
+
+def test_rounding_words_match_reference(dev):
+    for seed, stream, block in [(0, 0, 0), (_seed(), random.getrandbits(32), (1 << 32) + 5), ((1 << 64) - 1, 7, 3)]:
+        out = torch.empty(128, dtype=torch.int64, device=dev)
+        args = torch.tensor([_i64(seed), stream, block], dtype=torch.int64, device=dev)
+        _rounding_words_probe[(1,)](out, args, N=64)
+        start = 4 * block
+        assert out[:64].cpu().tolist() == rounding_words(start, start + 64, seed, stream).tolist(), seed
+        assert out[64:].cpu().tolist() == rounding_words(start + 3, start + 67, seed, stream).tolist(), seed
+
+
+def _v_of(tensors, seed, streams, alpha, beta, rows=None, gamma=None, **kw):
+    """The float32 values Triton computes before rounding: the same call on float32 copies."""
+    vs = [t.to(torch.float32, copy=True) for t in tensors]
+    tops.seeded_axpby_(vs, seed, streams, alpha, beta, rows, gamma, **kw)
+    return vs
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    nan = a.float().isnan() & b.float().isnan()
+    return bool(((a.float() == b.float()) | nan).all()) and torch.equal(torch.signbit(a[~nan]), torch.signbit(b[~nan]))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(block=64, iters=2)], ids=["default", "small-chunks"])
+def test_axpby_rounding_one_launch_tails_and_rows(dev, monkeypatch, poisoned_empty, kw):
+    """A mixed list with a rounding seed (float32 tensors untouched by it), tails that end inside a
+    Philox block, empty tensors, the rank-one term: one main launch, and every 16-bit tensor is the
+    reference's stochastic rounding of Triton's own float32 value, bit for bit."""
+    seed, rseed = _i64(_seed()), _i64(_seed())
+    shapes = [(3, 7), (0,), (129,), (2, 2, 2), (5, 13), (1,), (70,)]
+    tensors = [torch.randn(s, dtype=DTYPES[k % 3], device=dev) for k, s in enumerate(shapes)]
+    rows = [torch.randn(matrix_dims(t)[1], device=dev) for t in tensors]
+    streams = [11 + k for k in range(len(shapes))][::-1]
+    alpha, beta, gamma = [1e-3] * len(shapes), [1.0, 0.5, 0.0, 1.0, -1.0, 1.0, 0.25], [0.01] * len(shapes)
+    launches = []
+    kernel = tops._seeded_axpby_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    vs = _v_of(tensors, seed, streams, alpha, beta, rows, gamma, **kw)
+    ours = [t.clone() for t in tensors]
+    monkeypatch.setattr(tops, "_seeded_axpby_kernel", Spy())
+    tops.seeded_axpby_(ours, seed, streams, alpha, beta, rows, gamma, rseed, **kw)
+    assert len(launches) == 1
+    for k, (o, v, s) in enumerate(zip(ours, vs, streams)):
+        want = v.cpu().reshape(-1)
+        if o.dtype != torch.float32:
+            want = stochastic_round(want, rounding_words(0, v.numel(), rseed, s), o.dtype)
+        assert _same(o.cpu(), want.reshape(o.shape).cpu()), f"seed={seed} rseed={rseed} tensor {k}"
+
+
+@pytest.mark.parametrize("kw", [{}, dict(block=64, iters=2)], ids=["default", "small-chunks"])
+def test_stochastic_round_one_launch(dev, monkeypatch, poisoned_empty, kw):
+    """Every dtype in one launch, empty tensors, tails, a misaligned view (the unaligned path),
+    streams in any order: bit for bit the reference."""
+    seed = _seed()
+    storage = torch.empty(400, dtype=torch.bfloat16, device=dev)
+    dst = [
+        torch.empty(5, 13, dtype=torch.float16, device=dev),
+        torch.empty(0, device=dev),
+        storage[3 : 3 + 130],
+        torch.empty(7, device=dev),
+        torch.empty(2, 65, dtype=torch.bfloat16, device=dev),
+    ]
+    src = [torch.randn(d.shape, device=dev) * 10.0 ** random.uniform(-6, 3) for d in dst]
+    streams = [(1 << 32) - 1, 0, 5, 5, 77]
+    launches = []
+    kernel = tops._stochastic_round_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tops, "_stochastic_round_kernel", Spy())
+    tops.stochastic_round_(dst, src, _i64(seed), streams, **kw)
+    assert len(launches) == 1
+    for k, (d, x, s) in enumerate(zip(dst, src, streams)):
+        want = stochastic_round(x.reshape(-1).cpu(), rounding_words(0, x.numel(), seed, s), d.dtype)
+        assert _same(d.cpu(), want.reshape(d.shape)), f"seed={seed} tensor {k}"

@@ -6,8 +6,9 @@
 #pragma once
 #include <cstdint>
 
-#include "cpu/gaussian_tile.h"  // as_float, as_bits, select_bits, LORENZA_CPU_INLINE
 #include "common/dtype.h"
+#include "common/stochastic_round.h"
+#include "cpu/gaussian_tile.h"  // as_float, as_bits, select_bits, LORENZA_CPU_INLINE
 
 namespace lorenza {
 namespace cpu {
@@ -49,23 +50,36 @@ LORENZA_CPU_INLINE float half_bits_to_float(uint16_t h) {
   return as_float(bits | sign);
 }
 
-// Element access by dtype: storage type and the two conversions.
+// Element access by dtype: storage type, the two conversions, and the stochastically rounded store
+// (docs/rng.md, "The rounding stream": `word` is the element's rounding word; the rounded value is
+// exact in the dtype, so the round-to-nearest conversion stores it unchanged). float32 is never
+// rounded: its store_sr is the plain store.
 struct F32 {
   using storage = float;
+  static constexpr bool kLow = false;
   static LORENZA_CPU_INLINE float load(float x) { return x; }
   static LORENZA_CPU_INLINE float store(float x) { return x; }
+  static LORENZA_CPU_INLINE float store_sr(float x, uint32_t) { return x; }
 };
 
 struct BF16 {
   using storage = uint16_t;
+  static constexpr bool kLow = true;
   static LORENZA_CPU_INLINE float load(uint16_t x) { return bf16_bits_to_float(x); }
   static LORENZA_CPU_INLINE uint16_t store(float x) { return float_to_bf16_bits(x); }
+  static LORENZA_CPU_INLINE uint16_t store_sr(float x, uint32_t word) {
+    return float_to_bf16_bits(as_float(stochastic_round_bf16_bits(as_bits(x), word)));
+  }
 };
 
 struct F16 {
   using storage = uint16_t;
+  static constexpr bool kLow = true;
   static LORENZA_CPU_INLINE float load(uint16_t x) { return half_bits_to_float(x); }
   static LORENZA_CPU_INLINE uint16_t store(float x) { return float_to_half_bits(x); }
+  static LORENZA_CPU_INLINE uint16_t store_sr(float x, uint32_t word) {
+    return float_to_half_bits(as_float(stochastic_round_f16_bits(as_bits(x), word)));
+  }
 };
 
 }  // namespace cpu

@@ -35,12 +35,14 @@ constexpr int kTileBlocks = 16;           // Philox blocks per tile
 constexpr int kTile = 4 * kTileBlocks;    // elements per tile
 constexpr int kPairs = 2 * kTileBlocks;   // Box-Muller pairs per tile
 
+// Key and the fixed counter words of one stream: c2 = stream, c3 = word3 (0 for the Gaussian
+// stream, 1 for the rounding stream of docs/rng.md; disjoint counters under one seed).
 struct StreamKey {
-  uint32_t k0, k1, stream;
+  uint32_t k0, k1, stream, word3;
 };
 
-LORENZA_CPU_INLINE StreamKey make_key(uint64_t seed, uint32_t stream) {
-  return StreamKey{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), stream};
+LORENZA_CPU_INLINE StreamKey make_key(uint64_t seed, uint32_t stream, uint32_t word3 = 0u) {
+  return StreamKey{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), stream, word3};
 }
 
 // Philox words of blocks b0 .. b0 + 15 in Box-Muller pair order: pair p = 2j + h of block b0 + j
@@ -57,8 +59,8 @@ struct PhiloxTile {
 inline void philox_tile_scalar(const StreamKey& key, uint64_t b0, PhiloxTile& w) {
   for (int j = 0; j < kTileBlocks; ++j) {
     const uint64_t b = b0 + j;
-    const Philox4 x = philox4x32_10(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), key.stream, 0u,
-                                    key.k0, key.k1);
+    const Philox4 x = philox4x32_10(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), key.stream,
+                                    key.word3, key.k0, key.k1);
     w.radius[2 * j] = x.x[0];
     w.angle[2 * j] = x.x[1];
     w.radius[2 * j + 1] = x.x[2];
@@ -102,7 +104,7 @@ __attribute__((noinline)) inline void philox_tile_sse2(const StreamKey& key, uin
       c0[v] = _mm_set_epi64x(static_cast<long long>(b + 1), static_cast<long long>(b));
       c1[v] = _mm_srli_epi64(c0[v], 32);
       c2[v] = _mm_set1_epi64x(key.stream);
-      c3[v] = _mm_setzero_si128();
+      c3[v] = _mm_set1_epi64x(key.word3);
     }
     LORENZA_PHILOX_ROUNDS(V, _mm_mul_epu32, srl32_128, _mm_xor_si128, _mm_set1_epi64x)
     const __m128i lo = _mm_set1_epi64x(0xFFFFFFFFLL);
@@ -129,7 +131,7 @@ LORENZA_TARGET_AVX2 __attribute__((noinline)) inline void philox_tile_avx2(const
     c0[v] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(b0 + 4 * v)), lane);
     c1[v] = _mm256_srli_epi64(c0[v], 32);
     c2[v] = _mm256_set1_epi64x(key.stream);
-    c3[v] = _mm256_setzero_si256();
+    c3[v] = _mm256_set1_epi64x(key.word3);
   }
   LORENZA_PHILOX_ROUNDS(V, _mm256_mul_epu32, srl32_256, _mm256_xor_si256, _mm256_set1_epi64x)
 #define LORENZA_STORE(dst, a, b) \
@@ -158,7 +160,7 @@ LORENZA_TARGET_AVX512 __attribute__((noinline)) inline void philox_tile_avx512(c
     c0[v] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(b0 + 8 * v)), lane);
     c1[v] = _mm512_srli_epi64(c0[v], 32);
     c2[v] = _mm512_set1_epi64(key.stream);
-    c3[v] = _mm512_setzero_si512();
+    c3[v] = _mm512_set1_epi64(key.word3);
   }
   LORENZA_PHILOX_ROUNDS(V, _mm512_mul_epu32, srl32_512, _mm512_xor_si512, _mm512_set1_epi64)
 #define LORENZA_STORE(dst, a, b) \
@@ -244,6 +246,19 @@ LORENZA_CPU_INLINE void sincos_2pi(float u, float& s_out, float& c_out) {
   const uint32_t c_sign = static_cast<uint32_t>((q + 1) & 2) << 30;
   s_out = as_float(select_bits(swap, as_bits(c), as_bits(s)) ^ s_sign);
   c_out = as_float(select_bits(swap, as_bits(s), as_bits(c)) ^ c_sign);
+}
+
+// x[0 .. 64) = the Philox words of elements 4 b0 .. 4 b0 + 63 in flat order (word i & 3 of block
+// i >> 2): the rounding words when key.word3 == 1 (docs/rng.md, "The rounding stream").
+template <void (*Philox)(const StreamKey&, uint64_t, PhiloxTile&)>
+LORENZA_CPU_INLINE void word_tile(const StreamKey& key, uint64_t b0, uint32_t* __restrict x) {
+  PhiloxTile w;
+  Philox(key, b0, w);
+  // element 2p + t is word 2 (p mod 2) + t of block p / 2: radius[p] for t = 0, angle[p] for t = 1
+  for (int p = 0; p < kPairs; ++p) {
+    x[2 * p] = w.radius[p];
+    x[2 * p + 1] = w.angle[p];
+  }
 }
 
 // z[0 .. 64) = elements 4 b0 .. 4 b0 + 63 of the stream; `Philox` is one of philox_tile_*.

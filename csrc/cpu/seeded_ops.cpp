@@ -3,8 +3,11 @@
 //
 //   seeded_axpby:  t_k <- beta_k t_k + alpha_k z_k (+ gamma_k a_k[i mod n_k]) in float32, rounded
 //                  once to t_k's dtype; beta_k == 0 never reads t_k; returns sum(z_k^2) per tensor.
+//                  With a rounding seed, bfloat16/float16 results are rounded stochastically.
 //   seeded_colsum: column sums of z_k viewed as m_k x n_k, float32 out.
-// z_k is the lorenza-philox-v1 stream (seed, streams[k]) (docs/rng.md).
+//   stochastic_round: dst_k <- SR(src_k) (float32 src; a plain copy for a float32 dst).
+// z_k is the lorenza-philox-v1 stream (seed, streams[k]); stochastic rounding uses the rounding
+// stream (rounding seed, streams[k]), one more Philox call per 4 elements (docs/rng.md).
 //
 // Determinism: the work is cut into pieces fixed by the shapes alone (kChunk elements, or groups
 // of rows for the column sums); each piece writes its own partial sums and those are added in a
@@ -19,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -62,16 +66,19 @@ struct AxpbyArgs {
   float alpha, beta, gamma;
   const float* row;  // nullptr: no rank-1 term
   StreamKey key;
+  bool round;        // round stochastically (16-bit dtypes) with the rounding stream rkey
+  StreamKey rkey;
 };
 
 // Elements [start, stop) of one tensor (start a multiple of kTile); returns their sum(z^2).
-template <class D, PhiloxFn P>
+template <class D, PhiloxFn P, bool kRound>
 LORENZA_CPU_INLINE double axpby_piece(const AxpbyArgs& a, int64_t start, int64_t stop) {
   using S = typename D::storage;
   const float alpha = a.alpha, beta = a.beta, gamma = a.gamma;
   int64_t col = a.row ? start % a.ncols : 0;
   alignas(64) float z[kTile];
   alignas(64) float v[kTile];
+  alignas(64) uint32_t words[kRound ? kTile : 1];
   double acc[16] = {};
   for (int64_t i = start; i < stop; i += kTile) {
     gaussian_tile<P>(a.key, static_cast<uint64_t>(i) >> 2, z);
@@ -93,7 +100,12 @@ LORENZA_CPU_INLINE double axpby_piece(const AxpbyArgs& a, int64_t start, int64_t
         if (col == a.ncols) col = 0;
       }
     }
-    for (int j = 0; j < n; ++j) t[j] = D::store(v[j]);
+    if constexpr (kRound) {
+      word_tile<P>(a.rkey, static_cast<uint64_t>(i) >> 2, words);
+      for (int j = 0; j < n; ++j) t[j] = D::store_sr(v[j], words[j]);
+    } else {
+      for (int j = 0; j < n; ++j) t[j] = D::store(v[j]);
+    }
     for (int j = n; j < kTile; ++j) z[j] = 0.0f;
     // 16 float lanes over one tile (4 terms each), then into double: vectorizes without
     // reassociation and keeps the chunk's sum accurate to double rounding.
@@ -111,11 +123,52 @@ template <PhiloxFn P>
 LORENZA_CPU_INLINE double axpby_piece_any(const AxpbyArgs& a, int64_t start, int64_t stop) {
   switch (a.dtype) {
     case kFloat32:
-      return axpby_piece<F32, P>(a, start, stop);
+      return axpby_piece<F32, P, false>(a, start, stop);  // float32 is never rounded
     case kBFloat16:
-      return axpby_piece<BF16, P>(a, start, stop);
+      return a.round ? axpby_piece<BF16, P, true>(a, start, stop) : axpby_piece<BF16, P, false>(a, start, stop);
     default:
-      return axpby_piece<F16, P>(a, start, stop);
+      return a.round ? axpby_piece<F16, P, true>(a, start, stop) : axpby_piece<F16, P, false>(a, start, stop);
+  }
+}
+
+struct RoundArgs {
+  void* dst;
+  const float* src;
+  int64_t numel;
+  int64_t offset;  // element i of the tensor draws the rounding word of index offset + i
+  int dtype;
+  StreamKey key;   // the rounding stream (word3 = 1)
+};
+
+// dst[i] <- SR(src[i]) for i in [start, stop): whole tiles of the stream from the tile holding
+// index offset + start on, keeping the words of the indices in range.
+template <class D, PhiloxFn P>
+LORENZA_CPU_INLINE void round_piece_typed(const RoundArgs& a, int64_t start, int64_t stop) {
+  using S = typename D::storage;
+  S* __restrict dst = static_cast<S*>(a.dst);
+  const float* __restrict src = a.src;
+  alignas(64) uint32_t words[kTile];
+  const int64_t g_begin = a.offset + start, g_end = a.offset + stop;
+  for (int64_t g = g_begin & ~static_cast<int64_t>(kTile - 1); g < g_end; g += kTile) {
+    word_tile<P>(a.key, static_cast<uint64_t>(g) >> 2, words);
+    const int lo = static_cast<int>(std::max<int64_t>(g, g_begin) - g);
+    const int hi = static_cast<int>(std::min<int64_t>(g + kTile, g_end) - g);
+    S* __restrict d = dst + (g - a.offset);
+    const float* __restrict s = src + (g - a.offset);
+    for (int j = lo; j < hi; ++j) d[j] = D::store_sr(s[j], words[j]);
+  }
+}
+
+template <PhiloxFn P>
+LORENZA_CPU_INLINE void round_piece(const RoundArgs& a, int64_t start, int64_t stop) {
+  switch (a.dtype) {
+    case kFloat32:
+      std::copy(a.src + start, a.src + stop, static_cast<float*>(a.dst) + start);
+      return;
+    case kBFloat16:
+      return round_piece_typed<BF16, P>(a, start, stop);
+    default:
+      return round_piece_typed<F16, P>(a, start, stop);
   }
 }
 
@@ -175,24 +228,33 @@ struct Kernels {
   const char* name;
   double (*axpby)(const AxpbyArgs&, int64_t, int64_t);
   void (*colsum)(const ColsumPlan&, int64_t, double*);
+  void (*round)(const RoundArgs&, int64_t, int64_t);
 };
 
 double axpby_scalar(const AxpbyArgs& a, int64_t s, int64_t e) { return axpby_piece_any<philox_tile_scalar>(a, s, e); }
 void colsum_scalar(const ColsumPlan& p, int64_t i, double* acc) { colsum_piece<philox_tile_scalar>(p, i, acc); }
+void round_scalar(const RoundArgs& a, int64_t s, int64_t e) { round_piece<philox_tile_scalar>(a, s, e); }
 #ifdef LORENZA_CPU_X86
 double axpby_sse2(const AxpbyArgs& a, int64_t s, int64_t e) { return axpby_piece_any<philox_tile_sse2>(a, s, e); }
 void colsum_sse2(const ColsumPlan& p, int64_t i, double* acc) { colsum_piece<philox_tile_sse2>(p, i, acc); }
+void round_sse2(const RoundArgs& a, int64_t s, int64_t e) { round_piece<philox_tile_sse2>(a, s, e); }
 LORENZA_TARGET_AVX2 double axpby_avx2(const AxpbyArgs& a, int64_t s, int64_t e) {
   return axpby_piece_any<philox_tile_avx2>(a, s, e);
 }
 LORENZA_TARGET_AVX2 void colsum_avx2(const ColsumPlan& p, int64_t i, double* acc) {
   colsum_piece<philox_tile_avx2>(p, i, acc);
 }
+LORENZA_TARGET_AVX2 void round_avx2(const RoundArgs& a, int64_t s, int64_t e) {
+  round_piece<philox_tile_avx2>(a, s, e);
+}
 LORENZA_TARGET_AVX512 double axpby_avx512(const AxpbyArgs& a, int64_t s, int64_t e) {
   return axpby_piece_any<philox_tile_avx512>(a, s, e);
 }
 LORENZA_TARGET_AVX512 void colsum_avx512(const ColsumPlan& p, int64_t i, double* acc) {
   colsum_piece<philox_tile_avx512>(p, i, acc);
+}
+LORENZA_TARGET_AVX512 void round_avx512(const RoundArgs& a, int64_t s, int64_t e) {
+  round_piece<philox_tile_avx512>(a, s, e);
 }
 #endif
 
@@ -204,12 +266,12 @@ std::vector<Kernels> supported_kernels() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    ks.push_back({"avx512", axpby_avx512, colsum_avx512});
+    ks.push_back({"avx512", axpby_avx512, colsum_avx512, round_avx512});
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    ks.push_back({"avx2", axpby_avx2, colsum_avx2});
-  ks.push_back({"sse2", axpby_sse2, colsum_sse2});
+    ks.push_back({"avx2", axpby_avx2, colsum_avx2, round_avx2});
+  ks.push_back({"sse2", axpby_sse2, colsum_sse2, round_sse2});
 #endif
-  ks.push_back({"scalar", axpby_scalar, colsum_scalar});
+  ks.push_back({"scalar", axpby_scalar, colsum_scalar, round_scalar});
   return ks;
 }
 
@@ -249,6 +311,27 @@ void seeded_axpby(const std::vector<AxpbyArgs>& args, float* norms, int num_thre
     double s = 0.0;
     for (int64_t c = first[k]; c < first[k + 1]; ++c) s += partial[c];
     norms[k] = static_cast<float>(s);
+  }
+}
+
+// Every tensor cut into kChunk-element pieces; elementwise, so any split gives the same bits.
+void stochastic_round(const std::vector<RoundArgs>& args, int num_threads) {
+  const int64_t K = static_cast<int64_t>(args.size());
+  std::vector<int64_t> first(K + 1, 0);
+  for (int64_t k = 0; k < K; ++k) first[k + 1] = first[k] + (args[k].numel + kChunk - 1) / kChunk;
+  const int64_t pieces = first[K];
+  const Kernels& ks = kernels();
+  const auto piece = [&](int64_t c) {
+    const int64_t k = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    const int64_t start = (c - first[k]) * kChunk;
+    ks.round(args[k], start, std::min(start + kChunk, args[k].numel));
+  };
+  const int nt = threads(num_threads, pieces);
+  if (nt == 1) {
+    for (int64_t c = 0; c < pieces; ++c) piece(c);
+  } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t c = 0; c < pieces; ++c) piece(c);
   }
 }
 
@@ -316,7 +399,7 @@ void bind_seeded_ops_cpu(py::module_& m) {
       "seeded_axpby_cpu",
       [](const Ptrs& ptrs, const Ints& numels, const std::vector<int>& dtypes, const Ints& ncols, uint64_t seed,
          const Ints& streams, const Floats& alpha, const Floats& beta, const Ptrs& row_ptrs, const Floats& gamma,
-         uintptr_t norms_ptr, int num_threads) {
+         uintptr_t norms_ptr, int num_threads, std::optional<uint64_t> rounding_seed) {
         const size_t K = ptrs.size();
         require_len(numels, K, "numels"), require_len(dtypes, K, "dtypes"), require_len(ncols, K, "ncols");
         require_len(streams, K, "streams"), require_len(alpha, K, "alpha"), require_len(beta, K, "beta");
@@ -334,21 +417,51 @@ void bind_seeded_ops_cpu(py::module_& m) {
             require(false, "ncols" + at() + ": must divide numels" + at());
           // gamma == 0 skips the term, as the reference does (a NaN in the row stays out).
           const bool row = row_ptrs[k] != 0 && gamma[k] != 0.0;
+          const uint32_t stream = check_stream(streams[k], k);
           args[k] = cpu::AxpbyArgs{reinterpret_cast<void*>(ptrs[k]), numels[k], ncols[k], dtypes[k],
                                    static_cast<float>(alpha[k]), static_cast<float>(beta[k]),
                                    static_cast<float>(gamma[k]),
                                    row ? reinterpret_cast<const float*>(row_ptrs[k]) : nullptr,
-                                   cpu::make_key(seed, check_stream(streams[k], k))};
+                                   cpu::make_key(seed, stream), rounding_seed.has_value() && dtypes[k] != kFloat32,
+                                   cpu::make_key(rounding_seed.value_or(0), stream, 1u)};
         }
         py::gil_scoped_release nogil;
         cpu::seeded_axpby(args, reinterpret_cast<float*>(norms_ptr), num_threads);
       },
       py::arg("ptrs"), py::arg("numels"), py::arg("dtypes"), py::arg("ncols"), py::arg("seed"),
       py::arg("streams"), py::arg("alpha"), py::arg("beta"), py::arg("row_ptrs"), py::arg("gamma"),
-      py::arg("norms_ptr"), py::arg("num_threads"),
+      py::arg("norms_ptr"), py::arg("num_threads"), py::arg("rounding_seed") = py::none(),
       "In place t_k <- beta_k t_k + alpha_k z_k (+ gamma_k row_k[i % ncols_k] where row_ptrs[k] != 0),\n"
-      "z_k = stream (seed, streams[k]); float32 math rounded once to dtype; beta_k == 0 does not\n"
-      "read t_k. Writes sum(z_k^2) to the float32[K] at norms_ptr. Row vectors: contiguous float32.");
+      "z_k = stream (seed, streams[k]); float32 math rounded once to dtype (stochastically, with the\n"
+      "rounding stream (rounding_seed, streams[k]), for 16-bit dtypes when rounding_seed is given);\n"
+      "beta_k == 0 does not read t_k. Writes sum(z_k^2) to the float32[K] at norms_ptr. Row vectors:\n"
+      "contiguous float32.");
+  m.def(
+      "stochastic_round_cpu",
+      [](const Ptrs& dst_ptrs, const Ptrs& src_ptrs, const Ints& numels, const std::vector<int>& dtypes,
+         const Ints& offsets, uint64_t seed, const Ints& streams, int num_threads) {
+        const size_t K = dst_ptrs.size();
+        require_len(src_ptrs, K, "src_ptrs"), require_len(numels, K, "numels"), require_len(dtypes, K, "dtypes");
+        require_len(offsets, K, "offsets"), require_len(streams, K, "streams");
+        std::vector<cpu::RoundArgs> args(K);
+        for (size_t k = 0; k < K; ++k) {
+          const auto at = [k]() { return "[" + std::to_string(k) + "]"; };
+          if (numels[k] < 0) require(false, "numels" + at() + ": negative");
+          if (offsets[k] < 0) require(false, "offsets" + at() + ": negative");
+          if (dtypes[k] != kFloat32 && dtypes[k] != kBFloat16 && dtypes[k] != kFloat16)
+            require(false, "dtypes" + at() + ": unknown dtype code " + std::to_string(dtypes[k]));
+          if (numels[k] != 0 && (dst_ptrs[k] == 0 || src_ptrs[k] == 0)) require(false, "dst_ptrs, src_ptrs" + at() + ": null");
+          args[k] = cpu::RoundArgs{reinterpret_cast<void*>(dst_ptrs[k]), reinterpret_cast<const float*>(src_ptrs[k]),
+                                   numels[k], offsets[k], dtypes[k],
+                                   cpu::make_key(seed, check_stream(streams[k], k), 1u)};
+        }
+        py::gil_scoped_release nogil;
+        cpu::stochastic_round(args, num_threads);
+      },
+      py::arg("dst_ptrs"), py::arg("src_ptrs"), py::arg("numels"), py::arg("dtypes"), py::arg("offsets"),
+      py::arg("seed"), py::arg("streams"), py::arg("num_threads"),
+      "dst_k[i] <- SR(src_k[i]) for the contiguous float32 src_k: stochastic rounding to dtype (a plain\n"
+      "copy for float32) with the rounding word of index offsets[k] + i of stream (seed, streams[k]).");
   m.def(
       "seeded_colsum_cpu",
       [](const Ints& numels, const Ints& ncols, uint64_t seed, const Ints& streams, const Ptrs& out_ptrs,

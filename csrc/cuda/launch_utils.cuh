@@ -81,6 +81,7 @@ unsigned persistent_grid(Kernel kernel, int device, int64_t work) {
 
 __device__ __forceinline__ int64_t record_begin(const AxpbyRecord* r) { return __ldg(&r->chunk_begin); }
 __device__ __forceinline__ int64_t record_begin(const ColsumRecord* r) { return __ldg(&r->item_begin); }
+__device__ __forceinline__ int64_t record_begin(const RoundRecord* r) { return __ldg(&r->chunk_begin); }
 
 // A 64-byte record in four 16-byte loads (every thread loads the same address: one broadcast).
 template <class R>

@@ -33,10 +33,12 @@ inline PhiloxKeys philox_keys(uint64_t seed) {
   return ks;
 }
 
-// Philox4x32-10 of counter (c0, c1, c2, 0): the fourth counter word is always 0 in docs/rng.md, which
-// saves the first round one XOR. Each 32x32 product is one IMAD.WIDE.U32 (hi and lo together).
+// Philox4x32-10 of counter (c0, c1, c2, kWord3): the fourth counter word is a constant, 0 for the
+// Gaussian stream (which saves the first round one XOR) and 1 for the rounding stream (docs/rng.md).
+// Each 32x32 product is one IMAD.WIDE.U32 (hi and lo together).
+template <uint32_t kWord3 = 0u>
 LORENZA_HD Philox4 philox_keyed(uint32_t c0, uint32_t c1, uint32_t c2, const PhiloxKeys& ks) {
-  uint32_t c3 = 0u;
+  uint32_t c3 = kWord3;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
@@ -143,6 +145,16 @@ LORENZA_HD void gaussian4(uint64_t block, uint32_t stream, const PhiloxKeys& ks,
   const Philox4 p = philox_keyed(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), stream, ks);
   box_muller(p.x[0], p.x[1], z[0], z[1]);
   box_muller(p.x[2], p.x[3], z[2], z[3]);
+}
+
+// The four rounding words of block `block` (docs/rng.md, "The rounding stream": counter word 3 = 1),
+// under the rounding seed's key schedule.
+LORENZA_HD void rounding4(uint64_t block, uint32_t stream, const PhiloxKeys& ks, uint32_t w[4]) {
+  const Philox4 p = philox_keyed<1u>(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), stream, ks);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int j = 0; j < 4; ++j) w[j] = p.x[j];
 }
 
 }  // namespace gpu

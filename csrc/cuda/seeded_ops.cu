@@ -3,8 +3,11 @@
 //   seeded_axpby_:  t_k <- beta_k t_k + alpha_k z_k (+ gamma_k a_k[i % ncols_k]), in float32,
 //                   rounded once to t_k's dtype, plus sum(z_k^2) from the same pass;
 //   seeded_colsum:  column sums of z_k viewed as m_k x n_k, reading no tensor data,
+//   stochastic_round_: dst_k <- SR(src_k), float32 src_k rounded stochastically to dst_k's dtype,
 //
-// with z_k the lorenza-philox-v1 stream (seed, streams[k]) (docs/rng.md).
+// with z_k the lorenza-philox-v1 stream (seed, streams[k]) and SR driven by the rounding stream
+// (docs/rng.md, "The rounding stream"; seeded_axpby_ rounds stochastically when given a rounding
+// seed). The rounding itself is integer arithmetic shared with the CPU (common/stochastic_round.h).
 //
 // Work split. seeded_axpby_ cuts each tensor into chunks of kChunkUnits 16-byte units (seeded_ops.h);
 // a persistent grid strides over the chunks of all tensors, and each CTA finds the tensor of its
@@ -19,6 +22,7 @@
 
 #include <climits>
 
+#include "common/stochastic_round.h"
 #include "cuda/launch_utils.cuh"
 #include "cuda/philox_gauss.cuh"
 #include "cuda/seeded_ops.h"
@@ -28,11 +32,31 @@ namespace lorenza {
 namespace gpu {
 namespace {
 
+// --- stochastic rounding of one unit ----------------------------------------------------------
+
+// y[j] <- SR(y[j]) for the E elements of a unit starting at flat index i0 (a multiple of 4), with
+// the rounding stream (rks, stream): E / 4 Philox calls. The results are exact in DT, so pack<DT>'s
+// round-to-nearest conversion stores them unchanged. float32 units are left alone.
+template <int DT, int E>
+__device__ __forceinline__ void round_unit(float (&y)[E], int64_t i0, uint32_t stream, const PhiloxKeys& rks) {
+  if constexpr (DT != kFloat32) {
+    uint32_t w[E];
+#pragma unroll
+    for (int q = 0; q < E / 4; ++q) rounding4(static_cast<uint64_t>(i0 >> 2) + q, stream, rks, w + 4 * q);
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const uint32_t b = __float_as_uint(y[j]);
+      y[j] = __uint_as_float(DT == kBFloat16 ? stochastic_round_bf16_bits(b, w[j]) : stochastic_round_f16_bits(b, w[j]));
+    }
+  }
+}
+
 // --- seeded_axpby_ -----------------------------------------------------------------------------
 
 // One chunk of one tensor; returns this thread's sum of z^2 over its units (fixed order).
-template <int DT, bool kAligned16, bool kRows>
-__device__ __forceinline__ float axpby_chunk(const AxpbyRecord& rec, int64_t chunk, const PhiloxKeys& ks) {
+template <int DT, bool kAligned16, bool kRows, bool kRound>
+__device__ __forceinline__ float axpby_chunk(const AxpbyRecord& rec, int64_t chunk, const PhiloxKeys& ks,
+                                             const PhiloxKeys& rks) {
   constexpr int E = DTypeTraits<DT>::kUnitElems;
   const int64_t numel = rec.numel;
   const int64_t units = (numel + E - 1) / E;
@@ -74,6 +98,7 @@ __device__ __forceinline__ float axpby_chunk(const AxpbyRecord& rec, int64_t chu
       col += col_step;
       if (col >= rec.ncols) col -= rec.ncols;
     }
+    if (kRound) round_unit<DT, E>(y, i0, rec.stream, rks);
     const uint4 out = pack<DT>(y);
     if (full) {
 #pragma unroll
@@ -89,35 +114,39 @@ __device__ __forceinline__ float axpby_chunk(const AxpbyRecord& rec, int64_t chu
 }
 
 // Tensors whose base is 16-byte aligned (all caching-allocator tensors) take the 128-bit path.
-template <int DT, bool kRows>
-__device__ __forceinline__ float axpby_by_alignment(const AxpbyRecord& rec, int64_t chunk, const PhiloxKeys& ks) {
-  if ((rec.data & 15u) == 0) return axpby_chunk<DT, true, kRows>(rec, chunk, ks);
-  return axpby_chunk<DT, false, kRows>(rec, chunk, ks);
+template <int DT, bool kRows, bool kRound>
+__device__ __forceinline__ float axpby_by_alignment(const AxpbyRecord& rec, int64_t chunk, const PhiloxKeys& ks,
+                                                    const PhiloxKeys& rks) {
+  if ((rec.data & 15u) == 0) return axpby_chunk<DT, true, kRows, kRound>(rec, chunk, ks, rks);
+  return axpby_chunk<DT, false, kRows, kRound>(rec, chunk, ks, rks);
 }
 
-// The dtype is uniform over a chunk, so the switch never diverges inside a warp.
-template <bool kRows>
-__device__ float axpby_dispatch(const AxpbyRecord& rec, int64_t chunk, const PhiloxKeys& ks) {
+// The dtype is uniform over a chunk, so the switch never diverges inside a warp. float32 is never
+// rounded stochastically: its kernel is the same with or without a rounding seed.
+template <bool kRows, bool kRound>
+__device__ float axpby_dispatch(const AxpbyRecord& rec, int64_t chunk, const PhiloxKeys& ks, const PhiloxKeys& rks) {
   switch (rec.dtype) {
     case kFloat32:
-      return axpby_by_alignment<kFloat32, kRows>(rec, chunk, ks);
+      return axpby_by_alignment<kFloat32, kRows, false>(rec, chunk, ks, rks);
     case kBFloat16:
-      return axpby_by_alignment<kBFloat16, kRows>(rec, chunk, ks);
+      return axpby_by_alignment<kBFloat16, kRows, kRound>(rec, chunk, ks, rks);
     default:
-      return axpby_by_alignment<kFloat16, kRows>(rec, chunk, ks);
+      return axpby_by_alignment<kFloat16, kRows, kRound>(rec, chunk, ks, rks);
   }
 }
 
-template <bool kRows>
+// `rks`: the rounding seed's key schedule, read only when kRound.
+template <bool kRows, bool kRound>
 __global__ void __launch_bounds__(kThreads)
     seeded_axpby_kernel(const AxpbyRecord* __restrict__ recs, int num_tensors, int64_t num_chunks,
-                        const __grid_constant__ PhiloxKeys ks, double* __restrict__ partials) {
+                        const __grid_constant__ PhiloxKeys ks, const __grid_constant__ PhiloxKeys rks,
+                        double* __restrict__ partials) {
   __shared__ float warp_sums[kThreads / 32];
   RecordCursor<AxpbyRecord> cursor;
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const int k = cursor.seek(recs, num_tensors, num_chunks, c);
     const AxpbyRecord rec = load_record(recs + k);
-    const float acc = axpby_dispatch<kRows>(rec, c - rec.chunk_begin, ks);
+    const float acc = axpby_dispatch<kRows, kRound>(rec, c - rec.chunk_begin, ks, rks);
     const double total = block_sum(acc, warp_sums);
     if (threadIdx.x == 0) partials[c] = total;
   }
@@ -135,6 +164,77 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) s += partials[c];
   s = block_sum_ordered(s, sums);
   if (threadIdx.x == 0) norms[k] = static_cast<float>(s);
+}
+
+// --- stochastic_round_ -------------------------------------------------------------------------
+
+// One chunk of one (dst, src) pair: each thread rounds whole 16-byte units of dst, reading the
+// matching 16 or 32 bytes of float32 src. kAligned16: both bases are 16-byte aligned.
+template <int DT, bool kAligned16>
+__device__ __forceinline__ void round_chunk(const RoundRecord& rec, int64_t chunk, const PhiloxKeys& rks) {
+  constexpr int E = DTypeTraits<DT>::kUnitElems;
+  const int64_t numel = rec.numel;
+  const int64_t units = (numel + E - 1) / E;
+  const int64_t u_end = min(units, (chunk + 1) * kChunkUnits);
+  char* const dst = reinterpret_cast<char*>(rec.dst);
+  const char* const src = reinterpret_cast<const char*>(rec.src);
+  const int dst_align = address_alignment(rec.dst), src_align = address_alignment(rec.src);
+  for (int64_t u = chunk * kChunkUnits + threadIdx.x; u < u_end; u += kThreads) {
+    const int64_t i0 = u * E;
+    const bool full = i0 + E <= numel;
+    const int nv = full ? E : static_cast<int>(numel - i0);
+    float y[E];
+#pragma unroll
+    for (int h = 0; h < E / 4; ++h) {  // E / 4 pieces of 16 bytes (4 floats) of src
+      const char* const p = src + (i0 + 4 * h) * 4;
+      const int n_h = nv - 4 * h;
+      uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+      if (n_h >= 4) {
+        raw = load_unit<kAligned16>(p, src_align);
+      } else if (n_h > 0) {
+        raw = load_partial<kFloat32>(p, n_h);
+      }
+      unpack<kFloat32>(raw, y + 4 * h);
+    }
+    round_unit<DT, E>(y, i0, rec.stream, rks);
+    const uint4 out = pack<DT>(y);
+    char* const q = dst + u * kUnitBytes;
+    if (full) {
+      store_unit<kAligned16>(q, dst_align, out);
+    } else {
+      store_partial<DT>(q, nv, out);
+    }
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void round_by_alignment(const RoundRecord& rec, int64_t chunk, const PhiloxKeys& rks) {
+  if (((rec.dst | rec.src) & 15u) == 0) {
+    round_chunk<DT, true>(rec, chunk, rks);
+  } else {
+    round_chunk<DT, false>(rec, chunk, rks);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    stochastic_round_kernel(const RoundRecord* __restrict__ recs, int num_tensors, int64_t num_chunks,
+                            const __grid_constant__ PhiloxKeys rks) {
+  RecordCursor<RoundRecord> cursor;
+  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int k = cursor.seek(recs, num_tensors, num_chunks, c);
+    const RoundRecord rec = load_record(recs + k);
+    switch (rec.dtype) {  // uniform over the chunk
+      case kFloat32:
+        round_by_alignment<kFloat32>(rec, c - rec.chunk_begin, rks);
+        break;
+      case kBFloat16:
+        round_by_alignment<kBFloat16>(rec, c - rec.chunk_begin, rks);
+        break;
+      default:
+        round_by_alignment<kFloat16>(rec, c - rec.chunk_begin, rks);
+        break;
+    }
+  }
 }
 
 // --- seeded_colsum -----------------------------------------------------------------------------
@@ -223,7 +323,8 @@ __global__ void __launch_bounds__(kThreads)
 // --- launchers ---------------------------------------------------------------------------------
 
 void seeded_axpby_launch(int device, uintptr_t records, int64_t num_tensors, int64_t num_chunks, uint64_t seed,
-                         bool with_rows, uintptr_t partials, uintptr_t norms, uintptr_t stream) {
+                         bool with_rows, bool round, uint64_t rounding_seed, uintptr_t partials, uintptr_t norms,
+                         uintptr_t stream) {
   const char* op = "seeded_axpby_";
   check_arg(num_tensors >= 0 && num_tensors <= INT_MAX, op, "num_tensors out of range");
   check_arg(num_chunks >= 0, op, "num_chunks must be >= 0");
@@ -234,21 +335,49 @@ void seeded_axpby_launch(int device, uintptr_t records, int64_t num_tensors, int
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const auto* recs = reinterpret_cast<const AxpbyRecord*>(records);
   auto* part = reinterpret_cast<double*>(partials);
-  const PhiloxKeys ks = philox_keys(seed);
+  const PhiloxKeys ks = philox_keys(seed), rks = philox_keys(rounding_seed);
   const int n = static_cast<int>(num_tensors);
   if (num_chunks > 0) {
+#define LORENZA_AXPBY_LAUNCH(ROWS, ROUND)                                                              \
+  do {                                                                                                 \
+    const unsigned grid = persistent_grid(seeded_axpby_kernel<ROWS, ROUND>, device, num_chunks);       \
+    seeded_axpby_kernel<ROWS, ROUND><<<grid, kThreads, 0, s>>>(recs, n, num_chunks, ks, rks, part);    \
+  } while (0)
     if (with_rows) {
-      const unsigned grid = persistent_grid(seeded_axpby_kernel<true>, device, num_chunks);
-      seeded_axpby_kernel<true><<<grid, kThreads, 0, s>>>(recs, n, num_chunks, ks, part);
+      if (round) {
+        LORENZA_AXPBY_LAUNCH(true, true);
+      } else {
+        LORENZA_AXPBY_LAUNCH(true, false);
+      }
     } else {
-      const unsigned grid = persistent_grid(seeded_axpby_kernel<false>, device, num_chunks);
-      seeded_axpby_kernel<false><<<grid, kThreads, 0, s>>>(recs, n, num_chunks, ks, part);
+      if (round) {
+        LORENZA_AXPBY_LAUNCH(false, true);
+      } else {
+        LORENZA_AXPBY_LAUNCH(false, false);
+      }
     }
+#undef LORENZA_AXPBY_LAUNCH
     check_cuda(cudaGetLastError(), op, "launch of seeded_axpby_kernel");
   }
   seeded_axpby_norms_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(recs, n, num_chunks, part,
                                                                          reinterpret_cast<float*>(norms));
   check_cuda(cudaGetLastError(), op, "launch of seeded_axpby_norms_kernel");
+}
+
+void stochastic_round_launch(int device, uintptr_t records, int64_t num_tensors, int64_t num_chunks, uint64_t seed,
+                             uintptr_t stream) {
+  const char* op = "stochastic_round_";
+  check_arg(num_tensors >= 0 && num_tensors <= INT_MAX, op, "num_tensors out of range");
+  check_arg(num_chunks >= 0, op, "num_chunks must be >= 0");
+  if (num_tensors == 0 || num_chunks == 0) return;
+  check_arg(records != 0, op, "records must be a device address");
+  DeviceGuard guard(device, op);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const auto* recs = reinterpret_cast<const RoundRecord*>(records);
+  const unsigned grid = persistent_grid(stochastic_round_kernel, device, num_chunks);
+  stochastic_round_kernel<<<grid, kThreads, 0, s>>>(recs, static_cast<int>(num_tensors), num_chunks,
+                                                     philox_keys(seed));
+  check_cuda(cudaGetLastError(), op, "launch of stochastic_round_kernel");
 }
 
 void seeded_colsum_launch(int device, uintptr_t records, int64_t num_tensors, int64_t num_items, uint64_t seed,

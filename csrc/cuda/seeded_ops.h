@@ -57,6 +57,20 @@ struct ColsumRecord {
 };
 static_assert(sizeof(ColsumRecord) == 64, "ColsumRecord must stay 64 bytes");
 
+// stochastic_round_: units of 16 bytes of dst (4 fp32 or 8 bf16/fp16 elements, whole Philox blocks
+// of the rounding stream) in chunks of kChunkUnits, as seeded_axpby_; src is float32 (16 or 32 bytes
+// per unit). A float32 dst gets a plain copy.
+struct RoundRecord {
+  uint64_t dst;          // address of element 0 of dst (any element alignment)
+  uint64_t src;          // float32 values of the same shape
+  int64_t numel;         //
+  int64_t chunk_begin;   // index of this tensor's first chunk in the launch (prefix sum)
+  uint32_t stream;       // streams[k] of the rounding stream
+  int32_t dtype;         // DType code of dst
+  uint32_t reserved[6];  //
+};
+static_assert(sizeof(RoundRecord) == 64, "RoundRecord must stay 64 bytes");
+
 // One field of a record, for the Python mirror: numpy format string ("<u8", "<f4", ...).
 struct FieldDesc {
   const char* name;
@@ -66,9 +80,16 @@ struct FieldDesc {
 
 // Launch seeded_axpby_ on `device`/`stream` (a cudaStream_t as an integer) over `num_tensors`
 // records (device memory) holding `num_chunks` chunks. `partials` (float64[num_chunks]) is scratch;
-// `norms` (float32[num_tensors]) receives sum(z_k^2). Throws std::runtime_error on a CUDA error.
+// `norms` (float32[num_tensors]) receives sum(z_k^2). With `round`, bfloat16/float16 tensors are
+// rounded stochastically with the rounding stream of (rounding_seed, the record's stream).
+// Throws std::runtime_error on a CUDA error.
 void seeded_axpby_launch(int device, uintptr_t records, int64_t num_tensors, int64_t num_chunks, uint64_t seed,
-                         bool with_rows, uintptr_t partials, uintptr_t norms, uintptr_t stream);
+                         bool with_rows, bool round, uint64_t rounding_seed, uintptr_t partials, uintptr_t norms,
+                         uintptr_t stream);
+
+// Launch stochastic_round_ over `num_tensors` RoundRecords holding `num_chunks` chunks.
+void stochastic_round_launch(int device, uintptr_t records, int64_t num_tensors, int64_t num_chunks, uint64_t seed,
+                             uintptr_t stream);
 
 // Launch seeded_colsum over `num_tensors` records holding `num_items` work items; `workspace` is
 // float32 scratch of the size the records' ws_begin ranges need (0 when none needs it).

@@ -16,6 +16,7 @@ namespace {
 using gpu::AxpbyRecord;
 using gpu::ColsumRecord;
 using gpu::FieldDesc;
+using gpu::RoundRecord;
 
 #define LORENZA_FIELD(T, name, fmt) FieldDesc{#name, offsetof(T, name), fmt}
 
@@ -34,6 +35,12 @@ const FieldDesc kColsumFields[] = {
     LORENZA_FIELD(ColsumRecord, ws_begin, "<i8"),      LORENZA_FIELD(ColsumRecord, col_tiles, "<i8"),
     LORENZA_FIELD(ColsumRecord, rows_per_slab, "<i8"), LORENZA_FIELD(ColsumRecord, stream, "<u4"),
     LORENZA_FIELD(ColsumRecord, tc_log2, "<i4"),
+};
+
+const FieldDesc kRoundFields[] = {
+    LORENZA_FIELD(RoundRecord, dst, "<u8"),         LORENZA_FIELD(RoundRecord, src, "<u8"),
+    LORENZA_FIELD(RoundRecord, numel, "<i8"),       LORENZA_FIELD(RoundRecord, chunk_begin, "<i8"),
+    LORENZA_FIELD(RoundRecord, stream, "<u4"),      LORENZA_FIELD(RoundRecord, dtype, "<i4"),
 };
 
 #undef LORENZA_FIELD
@@ -62,6 +69,7 @@ void bind_seeded_ops_cuda(py::module_& m) {
         d["colsum_min_rows_per_thread"] = gpu::kColsumMinRowsPerThread;
         d["axpby_record"] = record_layout(kAxpbyFields, sizeof(AxpbyRecord));
         d["colsum_record"] = record_layout(kColsumFields, sizeof(ColsumRecord));
+        d["round_record"] = record_layout(kRoundFields, sizeof(RoundRecord));
         return d;
       },
       "Constants and record layouts of the CUDA seeded ops (for the Python table builders).");
@@ -69,13 +77,25 @@ void bind_seeded_ops_cuda(py::module_& m) {
   m.def(
       "seeded_axpby_cuda",
       [](int device, uintptr_t records, int64_t num_tensors, int64_t num_chunks, uint64_t seed, bool with_rows,
-         uintptr_t partials, uintptr_t norms, uintptr_t stream) {
+         uintptr_t partials, uintptr_t norms, uintptr_t stream, bool round, uint64_t rounding_seed) {
         py::gil_scoped_release release;
-        gpu::seeded_axpby_launch(device, records, num_tensors, num_chunks, seed, with_rows, partials, norms, stream);
+        gpu::seeded_axpby_launch(device, records, num_tensors, num_chunks, seed, with_rows, round, rounding_seed,
+                                 partials, norms, stream);
       },
       py::arg("device"), py::arg("records"), py::arg("num_tensors"), py::arg("num_chunks"), py::arg("seed"),
-      py::arg("with_rows"), py::arg("partials"), py::arg("norms"), py::arg("stream"),
-      "Enqueue seeded_axpby_ on `stream` (cudaStream_t as int) for the AxpbyRecord table at `records`.");
+      py::arg("with_rows"), py::arg("partials"), py::arg("norms"), py::arg("stream"), py::arg("round") = false,
+      py::arg("rounding_seed") = 0,
+      "Enqueue seeded_axpby_ on `stream` (cudaStream_t as int) for the AxpbyRecord table at `records`;\n"
+      "with `round`, 16-bit tensors are rounded stochastically with the rounding stream of rounding_seed.");
+
+  m.def(
+      "stochastic_round_cuda",
+      [](int device, uintptr_t records, int64_t num_tensors, int64_t num_chunks, uint64_t seed, uintptr_t stream) {
+        py::gil_scoped_release release;
+        gpu::stochastic_round_launch(device, records, num_tensors, num_chunks, seed, stream);
+      },
+      py::arg("device"), py::arg("records"), py::arg("num_tensors"), py::arg("num_chunks"), py::arg("seed"),
+      py::arg("stream"), "Enqueue stochastic_round_ on `stream` for the RoundRecord table at `records`.");
 
   m.def(
       "seeded_colsum_cuda",

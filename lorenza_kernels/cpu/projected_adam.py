@@ -22,15 +22,22 @@ on the CPU (torch's CPU GEMMs take one dtype and round their output to it; there
 -> fp32 GEMM to accumulate into), and it is bounded by ``_BLOCK_BYTES``, never m x n. The same
 holds for the down-projection of a bf16 gradient (blocks of columns on side "left", where R
 reduces over rows, and of rows on side "right").
+
+Stochastic rounding of a bfloat16/float16 W (a rounding seed and stream): each float32 block of W
+is written back by the ``stochastic_round_`` CPU kernel with the element offset of the block in
+W's ``m x n`` view, so element ``i`` draws the rounding word ``i`` wherever the blocks fall
+(``docs/rng.md``, "The rounding stream"); without the extension, by the reference's rounding.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import _ext
 from .._registry import register
 from .._shapes import matrix_dims
 from ..reference.projected_adam import adam_coefficients
+from ..reference.rng import stochastic_round_range
 
 #: float32 bytes of one block of W: small enough to stay in the last-level cache between the
 #: add and the GEMM, large enough that BLAS's packing of Q (d x r, once per call) is amortised.
@@ -88,7 +95,20 @@ def _adam_(R, M, V, beta1, beta2, eps, c_n, sqrt_bc2, c_r) -> None:
             vb.copy_(v32)
 
 
-def _lift_(W, G, Q, X, side: str, a: float, b: float) -> None:
+def _write_back(w: torch.Tensor, w32: torch.Tensor, offset: int, rounding: tuple[int, int] | None) -> None:
+    """``w <- w32`` (a block of W starting at element ``offset`` of its m x n view): rounded to
+    nearest, or stochastically with the rounding stream ``rounding = (seed, stream)``."""
+    if rounding is None:
+        w.copy_(w32)
+    elif _ext._C is not None:
+        from .seeded_ops import stochastic_round_at
+
+        stochastic_round_at([w], [w32], [offset], rounding[0], [rounding[1]])
+    else:
+        w.copy_(stochastic_round_range(w32, offset, rounding[0], rounding[1], w.dtype).view(w.shape))
+
+
+def _lift_(W, G, Q, X, side: str, a: float, b: float, rounding: tuple[int, int] | None = None) -> None:
     """W <- a W + b G + lift(X), block of rows by block of rows (W, G are m x n views)."""
     m, n = W.shape
     if a == 0.0:  # lr wd == 1: the decay erases W; keep the (b/a) trick below well defined
@@ -106,15 +126,15 @@ def _lift_(W, G, Q, X, side: str, a: float, b: float) -> None:
         else:
             w32.addmm_(X[s : s + step], Q.t(), beta=a)
         if w32 is not w:
-            w.copy_(w32)
+            _write_back(w, w32, s * n, rounding)
 
 
 @register("projected_adam_step_", "cpu", "cpu")
 def projected_adam_step_(
     params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
-    residual_scale,
+    residual_scale, rounding_seed=None, rounding_streams=None,
 ) -> None:  # fmt: skip
-    for W, grad, proj, M, V, step in zip(params, grads, projs, exp_avgs, exp_avg_sqs, steps):
+    for layer, (W, grad, proj, M, V, step) in enumerate(zip(params, grads, projs, exp_avgs, exp_avg_sqs, steps)):
         m, n = matrix_dims(W)
         W2, G2 = W.view(m, n), grad.view(m, n)
         Q = proj if proj.dtype == _F32 else proj.float()  # d x r: small
@@ -122,4 +142,5 @@ def projected_adam_step_(
         c_n, sqrt_bc2 = adam_coefficients(step, lr, beta1, beta2, scale)
         # X = c_n N' + lr rs R, so that a W + b G + lift(X) is the whole update with b = -lr rs.
         _adam_(R, M, V, beta1, beta2, eps, c_n, sqrt_bc2, lr * residual_scale)
-        _lift_(W2, G2, Q, R, side, 1.0 - lr * weight_decay, -lr * residual_scale)
+        rounding = None if rounding_seed is None else (rounding_seed, rounding_streams[layer])
+        _lift_(W2, G2, Q, R, side, 1.0 - lr * weight_decay, -lr * residual_scale, rounding)

@@ -27,8 +27,12 @@ def seeded_axpby_(
     beta: list[float],
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
+    rounding_seed: int | None = None,
 ) -> torch.Tensor:
-    """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k 1 a_k^T]`` in place; returns ``sum(z_k^2)``."""
+    """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k 1 a_k^T]`` in place; returns ``sum(z_k^2)``.
+
+    With ``rounding_seed``, 16-bit tensors are rounded stochastically (the kernel draws one more
+    Philox block per four of their elements, from the rounding stream)."""
     k = len(tensors)
     norms = torch.empty(k, dtype=torch.float32)
     if k == 0:
@@ -54,6 +58,7 @@ def seeded_axpby_(
         gammas,
         norms.data_ptr(),
         torch.get_num_threads(),
+        None if rounding_seed is None else seed_from_int64(rounding_seed),
     )
     del rows  # alive until the kernel has returned
     return norms
@@ -74,3 +79,29 @@ def seeded_colsum(tensors: list[torch.Tensor], seed: int, streams: list[int]) ->
             torch.get_num_threads(),
         )
     return outs
+
+
+def stochastic_round_at(dst: list[torch.Tensor], src: list[torch.Tensor], offsets: list[int], seed: int,
+                        streams: list[int]) -> None:  # fmt: skip
+    """``dst_k[i] <- SR(src_k[i])`` with the rounding word of index ``offsets[k] + i`` of stream
+    ``(seed, streams[k])``: ``dst_k`` is the part of a larger tensor that starts at element
+    ``offsets[k]`` (the CPU projected Adam writes W back block by block). Tensors contiguous, src
+    float32 of dst's size, no overlap: the callers' validators have checked. ``seed`` is the
+    int64 encoding."""
+    if dst:
+        _C.stochastic_round_cpu(
+            [d.data_ptr() for d in dst],
+            [s.data_ptr() for s in src],
+            [d.numel() for d in dst],
+            [CODES[d.dtype] for d in dst],
+            offsets,
+            seed_from_int64(seed),
+            streams,
+            torch.get_num_threads(),
+        )
+
+
+@register("stochastic_round_", "cpu", "cpu")
+def stochastic_round_(dst: list[torch.Tensor], src: list[torch.Tensor], seed: int, streams: list[int]) -> None:
+    """``dst_k <- SR(src_k)`` (docs/rng.md, "The rounding stream"); a copy for a float32 ``dst_k``."""
+    stochastic_round_at(dst, src, [0] * len(dst), seed, streams)

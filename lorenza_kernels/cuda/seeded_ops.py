@@ -7,7 +7,12 @@ allocator on the current stream, and enqueues the kernels on that stream:
 
 - ``seeded_axpby_``: one multi-tensor kernel over 32 KiB chunks of every tensor, then one small
   kernel that sums each tensor's per-chunk partials of ``z^2`` in chunk order (deterministic);
-- ``seeded_colsum``: one kernel over (column tile, row slab) items, then one that sums the slabs.
+- ``seeded_colsum``: one kernel over (column tile, row slab) items, then one that sums the slabs;
+- ``stochastic_round_``: one multi-tensor kernel over 32 KiB chunks of every destination.
+
+A rounding seed (``seeded_axpby_``) selects a kernel variant that rounds bfloat16/float16 results
+stochastically (``docs/rng.md``, "The rounding stream"); the records need nothing more, since the
+rounding stream of a tensor is its Gaussian stream's number.
 
 Importing this module touches no GPU (it only registers functions); the table builders work on
 any tensors (they read shapes, dtypes and addresses), which lets CPU-only tests check them.
@@ -32,7 +37,7 @@ _U64 = (1 << 64) - 1
 
 @functools.cache
 def layout() -> SimpleNamespace:
-    """Kernel constants and the numpy dtypes mirroring ``AxpbyRecord`` / ``ColsumRecord``."""
+    """Kernel constants and the numpy dtypes mirroring ``AxpbyRecord`` / ``ColsumRecord`` / ``RoundRecord``."""
     raw = _ext._C.seeded_ops_cuda_layout()
 
     def record_dtype(desc: dict) -> np.dtype:
@@ -55,6 +60,7 @@ def layout() -> SimpleNamespace:
         colsum_min_rows_per_thread=raw["colsum_min_rows_per_thread"],
         axpby=record_dtype(raw["axpby_record"]),
         colsum=record_dtype(raw["colsum_record"]),
+        round=record_dtype(raw["round_record"]),
     )
 
 
@@ -104,6 +110,26 @@ def axpby_table(
             rec["row"] = np.where(gamma64 != 0.0, np.array([a.data_ptr() for a in rows], dtype=np.uint64), 0)
     rec["stream"] = np.asarray(streams, dtype=np.int64).astype(np.uint32)
     rec["dtype"] = [_dtypes.CODES[t.dtype] for t in tensors]
+    return rec, int(chunks.sum())
+
+
+def round_table(
+    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], streams: Sequence[int]
+) -> tuple[np.ndarray, int]:
+    """The ``RoundRecord`` table and the number of chunks (16-byte units of dst, as ``axpby_table``)."""
+    lay = layout()
+    k = len(dst)
+    rec = np.zeros(k, dtype=lay.round)
+    if k == 0:
+        return rec, 0
+    numel = np.array([t.numel() for t in dst], dtype=np.int64)
+    per_unit = np.array([lay.unit_bytes // t.element_size() for t in dst], dtype=np.int64)
+    chunks = _ceil_div(_ceil_div(numel, per_unit), lay.chunk_units)
+    rec["dst"] = np.array([t.data_ptr() for t in dst], dtype=np.uint64)
+    rec["src"] = np.array([t.data_ptr() for t in src], dtype=np.uint64)
+    rec["numel"], rec["chunk_begin"] = numel, np.cumsum(chunks) - chunks
+    rec["stream"] = np.asarray(streams, dtype=np.int64).astype(np.uint32)
+    rec["dtype"] = [_dtypes.CODES[t.dtype] for t in dst]
     return rec, int(chunks.sum())
 
 
@@ -161,8 +187,10 @@ def seeded_axpby_(
     beta: list[float],
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
+    rounding_seed: int | None = None,
 ) -> torch.Tensor:
-    """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k a_k[i % n_k]]`` in place; returns ``sum(z_k^2)``."""
+    """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k a_k[i % n_k]]`` in place; returns ``sum(z_k^2)``.
+    With ``rounding_seed``, 16-bit tensors are rounded stochastically."""
     device = tensors[0].device  # the CUDA key: CUDA tensors (an empty list never reaches it)
     rows = _float_rows(row_vectors) if row_vectors is not None else None
     with torch.cuda.device(device):
@@ -180,8 +208,29 @@ def seeded_axpby_(
             partials.data_ptr(),
             norms.data_ptr(),
             torch.cuda.current_stream(device).cuda_stream,
+            rounding_seed is not None and any(t.dtype != torch.float32 for t in tensors),
+            0 if rounding_seed is None else int(rounding_seed) & _U64,
         )
     return norms
+
+
+@register("stochastic_round_", "cuda", "cuda")
+def stochastic_round_(dst: list[torch.Tensor], src: list[torch.Tensor], seed: int, streams: list[int]) -> None:
+    """``dst_k <- SR(src_k)`` for the whole list in one launch (docs/rng.md, "The rounding stream")."""
+    device = dst[0].device
+    with torch.cuda.device(device):
+        rec, num_chunks = round_table(dst, src, streams)
+        if num_chunks == 0:
+            return
+        table = _upload(rec, device)
+        _ext._C.stochastic_round_cuda(
+            device.index,
+            table.data_ptr(),
+            len(dst),
+            num_chunks,
+            int(seed) & _U64,
+            torch.cuda.current_stream(device).cuda_stream,
+        )
 
 
 @register("seeded_colsum", "cuda", "cuda")

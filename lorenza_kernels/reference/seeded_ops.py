@@ -5,11 +5,17 @@
 
     t_k <- beta_k t_k + alpha_k z_k + gamma_k 1 a_k^T       (the last term only with row vectors)
 
-computed in float32 and rounded once to ``t_k``'s dtype. ``beta_k == 0`` does not read ``t_k``
-(NaN or Inf in it is not propagated, as in BLAS). Returns ``sum(z_k^2)`` per tensor (float32).
+computed in float32 and rounded once to ``t_k``'s dtype: to nearest even, or, with a
+``rounding_seed`` and a bfloat16/float16 ``t_k``, stochastically with the rounding stream
+``(rounding_seed, streams[k])`` (``docs/rng.md``, "The rounding stream"). ``beta_k == 0`` does not
+read ``t_k`` (NaN or Inf in it is not propagated, as in BLAS). Returns ``sum(z_k^2)`` per tensor
+(float32).
 
 ``seeded_colsum``: the column sums of ``z_k`` viewed as ``m x n`` (``_shapes.matrix_dims``),
 float32, without touching the tensors.
+
+``stochastic_round_``: ``dst_k <- SR(src_k)``, the float32 ``src_k`` rounded stochastically to
+``dst_k``'s dtype with the rounding stream ``(seed, streams[k])`` (a copy for a float32 ``dst_k``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 
 from .._registry import register
 from .._shapes import matrix_dims
-from .rng import CHUNK, gaussian_range
+from .rng import CHUNK, gaussian_range, rounding_words, stochastic_round
 
 
 def _device(tensors: list[torch.Tensor]) -> torch.device:
@@ -34,6 +40,7 @@ def seeded_axpby_(
     beta: list[float],
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
+    rounding_seed: int | None = None,
 ) -> torch.Tensor:
     device = _device(tensors)
     norms = torch.zeros(len(tensors), dtype=torch.float64, device=device)
@@ -51,6 +58,8 @@ def seeded_axpby_(
             if row is not None and gamma is not None and gamma[k] != 0.0:
                 cols = torch.arange(s, e, device=device) % n_cols
                 new = new + row[cols] * gamma[k]
+            if rounding_seed is not None and t.dtype != torch.float32:
+                new = stochastic_round(new, rounding_words(s, e, rounding_seed, streams[k], device=device), t.dtype)
             flat[s:e].copy_(new)
     return norms.float()
 
@@ -68,3 +77,13 @@ def seeded_colsum(tensors: list[torch.Tensor], seed: int, streams: list[int]) ->
             acc.index_add_(0, torch.arange(s, e, device=device) % n_cols, z.double())
         out.append(acc.float())
     return out
+
+
+@register("stochastic_round_", "reference", "any")
+def stochastic_round_(dst: list[torch.Tensor], src: list[torch.Tensor], seed: int, streams: list[int]) -> None:
+    for d, x, stream in zip(dst, src, streams):
+        flat, values = d.view(-1), x.view(-1)
+        for s in range(0, flat.numel(), CHUNK):
+            e = min(s + CHUNK, flat.numel())
+            words = rounding_words(s, e, seed, stream, device=d.device)
+            flat[s:e].copy_(stochastic_round(values[s:e], words, d.dtype))

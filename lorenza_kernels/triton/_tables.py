@@ -6,7 +6,7 @@ The kernels get raw addresses from the table; everything that makes an address s
 numpy and copied to the device in one transfer (from pinned memory on CUDA, so the copy is
 asynchronous):
 
-    header:  seed bits, K
+    header:  seed bits, K, rounding seed bits (0 when unused)
     rows:    K rows of W int64 fields (the tensor's stream among them), then a sentinel row
              holding the work totals.
 
@@ -28,12 +28,17 @@ from .._shapes import matrix_dims
 
 SEED = tl.constexpr(0)
 K = tl.constexpr(1)
-HDR = tl.constexpr(2)
+RSEED = tl.constexpr(2)
+HDR = tl.constexpr(3)
 
 # seeded_axpby_ rows
 A_ADDR, A_NUMEL, A_NCOLS, A_DTYPE, A_ROWVEC = (tl.constexpr(i) for i in range(5))
 A_CHUNK0, A_ALPHA, A_BETA, A_GAMMA, A_STREAM = (tl.constexpr(i) for i in range(5, 10))
 A_W = tl.constexpr(10)
+
+# stochastic_round_ rows
+R_DST, R_SRC, R_NUMEL, R_DTYPE, R_CHUNK0, R_STREAM = (tl.constexpr(i) for i in range(6))
+R_W = tl.constexpr(6)
 
 # seeded_colsum rows
 C_OUT, C_M, C_NCOLS, C_CT, C_RPI, C_PBASE, C_ITEM0, C_FITEM0, C_STREAM = (tl.constexpr(i) for i in range(9))
@@ -62,6 +67,7 @@ def _float_bits(values: list[float]) -> np.ndarray:
 
 
 def _upload(header: list[int], rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    header = list(header) + [0] * (HDR.value - len(header))
     host = torch.from_numpy(np.concatenate([np.asarray(header, dtype=np.int64), rows.reshape(-1)]))
     if device.type == "cuda":
         # The caching host allocator keeps the pinned block until the copy has run.
@@ -69,7 +75,7 @@ def _upload(header: list[int], rows: np.ndarray, device: torch.device) -> torch.
     return host.to(device)
 
 
-def axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, chunk: int) -> Plan:
+def axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, chunk: int, rounding_seed=None) -> Plan:
     """The work table of one ``seeded_axpby_`` launch (arguments already validated by the op)."""
     n = len(tensors)
     device = _device(tensors)
@@ -96,7 +102,29 @@ def axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, chunk: i
     # 16-byte alignment lets the compiler use 128-bit accesses (chunk starts are multiples of 16 B).
     plan.aligned = all(t.data_ptr() % 16 == 0 for t in live)
     if plan.work:
-        plan.table = _upload([seed, n], rows, device)
+        plan.table = _upload([seed, n, 0 if rounding_seed is None else rounding_seed], rows, device)
+    return plan
+
+
+def round_plan(dst, src, seed, streams, chunk: int) -> Plan:
+    """The work table of one ``stochastic_round_`` launch (arguments already validated by the op)."""
+    n = len(dst)
+    plan = Plan(device=_device(dst), keep=list(dst) + list(src))
+    rows = np.zeros((n + 1, R_W.value), dtype=np.int64)
+    numel = np.asarray([t.numel() for t in dst], dtype=np.int64)
+    chunks = -(-numel // chunk)
+    rows[:n, R_DST.value] = [t.data_ptr() for t in dst]
+    rows[:n, R_SRC.value] = [t.data_ptr() for t in src]
+    rows[:n, R_NUMEL.value] = numel
+    rows[:n, R_DTYPE.value] = [CODES[t.dtype] for t in dst]
+    rows[1:, R_CHUNK0.value] = np.cumsum(chunks)
+    rows[:n, R_STREAM.value] = streams
+    plan.work = int(chunks.sum())
+    live = [k for k, t in enumerate(dst) if t.numel()]
+    plan.dtypes = frozenset(dst[k].dtype for k in live)
+    plan.aligned = all(dst[k].data_ptr() % 16 == 0 and src[k].data_ptr() % 16 == 0 for k in live)
+    if plan.work:
+        plan.table = _upload([seed, n], rows, device=plan.device)
     return plan
 
 

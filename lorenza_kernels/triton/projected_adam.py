@@ -5,9 +5,12 @@ on side "left"; A = G, B = Q on side "right"); its epilogue runs Adam on the til
 in place) and writes the lift coefficient ``X = c_n M / (sqrt(V) / sqrt(bc2) + eps) + lr rs R``
 (float32, R's shape: r/m of the parameter). Kernel 2, ``_projected_adam_step_lift_kernel``: the
 lift GEMM ``Q X`` (or ``X Q^T``) whose epilogue updates W in place: ``W <- a W + b G + lift(X)``,
-``a = 1 - lr wd``, ``b = -lr rs``. W and G cross memory once each (plus G once in kernel 1); no
-m x n temporary exists. Same formula as ``reference/projected_adam.py``, which is GaLore's
-unfused form (https://github.com/jiaweizzhao/GaLore).
+``a = 1 - lr wd``, ``b = -lr rs``; with a rounding seed, a bfloat16/float16 W is rounded
+stochastically there, the epilogue drawing the rounding words of its tile's elements (flat index
+``i = row n + col`` of the layer's ``m x n`` view; four words per Philox call when ``n % 4 == 0``,
+else one call per element; ``docs/rng.md``, "The rounding stream"). W and G cross memory once
+each (plus G once in kernel 1); no m x n temporary exists. Same formula as
+``reference/projected_adam.py``, which is GaLore's unfused form (https://github.com/jiaweizzhao/GaLore).
 
 A batch of same-shape layers goes in ONE launch per kernel (grid axis 1 = layer): the layers'
 tensors need not be adjacent, so each kernel takes layer 0's tensors as its pointers plus, per
@@ -21,8 +24,9 @@ float32 coefficient X against a bf16 Q is split into ``hi + lo`` (two bf16 GEMMs
 significant bits, far below the rounding of the parameter); against an fp16 Q the split would
 underflow (X is of order lr), so fp16 Q takes the tf32x3 path. The Triton interpreter (tests on
 the CPU) computes bf16 dots wrongly (Triton 3.9), so there every dot runs on float32 operands
-after the same split; it also rounds float32 -> bf16 toward zero, so bf16 results may differ from
-the reference by one ulp there (round-to-nearest on the GPU).
+after the same split; it also rounds float32 -> bf16 toward zero, so bf16 moments may differ from
+the reference by one ulp there (round-to-nearest on the GPU; W is stored through
+``seeded_ops._round``, which rounds to nearest by hand under the interpreter).
 
 The kernels are plain ``triton.jit`` launched from the function registered for the ``triton``
 backend: the op itself is the ``custom_op`` of ``_ops.py`` (opaque to torch.compile, with its
@@ -43,6 +47,8 @@ from .._registry import register
 from .._shapes import matrix_dims
 from ..reference.projected_adam import adam_coefficients
 from ._env import DEVICE_TYPES, INTERPRET
+from .rng import rounding_word_at, stochastic_round
+from .seeded_ops import _round
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -134,13 +140,36 @@ def _lift_mma(q, x, acc, X_FIRST: tl.constexpr, SPLIT: tl.constexpr, LOW_DOT: tl
 
 
 @triton.jit
+def _tile_rounding_words(rnd_ptr, layer, offs_m, pid_n, N, BLOCK_N: tl.constexpr, ALIGN4: tl.constexpr):
+    """The rounding words of the tile (rows ``offs_m``, columns tile ``pid_n``) of one layer's m x n
+    view: stream ``rnd[1 + layer]`` of seed ``rnd[0]``. ALIGN4 (n and BLOCK_N multiples of 4): every
+    tile row starts on a Philox block, four words per call interleaved into flat order."""
+    rseed = tl.load(rnd_ptr).to(tl.uint64, bitcast=True)
+    rstream = tl.load(rnd_ptr + 1 + layer).to(tl.uint32)
+    if ALIGN4:
+        first = (offs_m.to(tl.int64) * N + pid_n * BLOCK_N) >> 2
+        block = first[:, None] + tl.arange(0, BLOCK_N // 4)[None, :]
+        c0 = block.to(tl.uint32)
+        c1 = (block >> 32).to(tl.uint32)
+        zero = c0 * 0
+        x0, x1, x2, x3 = tl.philox(rseed, c0, c1, zero + rstream, zero + 1)
+        words = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        words = rounding_word_at(rseed, offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], rstream)
+    return words
+
+
+@triton.jit
 def _projected_adam_step_lift_kernel(
-    w_ptr, g_ptr, q_ptr, x_ptr, w_off_ptr, g_off_ptr, q_off_ptr,
+    w_ptr, g_ptr, q_ptr, x_ptr, w_off_ptr, g_off_ptr, q_off_ptr, rnd_ptr,
     M, N, R, stride_qd, stride_qr, stride_xl, a, b,
     LEFT: tl.constexpr, HAS_G: tl.constexpr, SPLIT: tl.constexpr, LOW_DOT: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr, ROUND: tl.constexpr, ALIGN4: tl.constexpr, RNE_BY_HAND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """W <- a W + b G + Q X (LEFT: Q m x r, X r x n) or + X Q^T (X m x r, Q n x r); W, G m x n."""
+    """W <- a W + b G + Q X (LEFT: Q m x r, X r x n) or + X Q^T (X m x r, Q n x r); W, G m x n.
+    ROUND: a 16-bit W is rounded stochastically (``rnd`` = rounding seed, then one stream per layer)."""
     pid = tl.program_id(0).to(tl.int64)
     layer = tl.program_id(1).to(tl.int64)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -182,7 +211,10 @@ def _projected_adam_step_lift_kernel(
     if HAS_G:
         g_ptr += tl.load(g_off_ptr + layer)
         out += b * tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    tl.store(w_ptr + idx, out.to(w_ptr.dtype.element_ty), mask=mask)
+    if ROUND:
+        words = _tile_rounding_words(rnd_ptr, layer, offs_m, pid_n, N, BLOCK_N, ALIGN4)
+        out = stochastic_round(out, words, w_ptr.dtype.element_ty)  # exact in W's dtype
+    tl.store(w_ptr + idx, _round(out, w_ptr.dtype.element_ty, RNE_BY_HAND), mask=mask)
 
 
 @functools.lru_cache(maxsize=256)
@@ -215,7 +247,7 @@ def _blocks(down: bool) -> dict:
 @register("projected_adam_step_", "triton", DEVICE_TYPES)
 def projected_adam_step_(
     params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
-    residual_scale,
+    residual_scale, rounding_seed=None, rounding_streams=None,
 ) -> None:  # fmt: skip
     if not params:
         return
@@ -249,12 +281,15 @@ def projected_adam_step_(
         P, S, K, *sa, *sb, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr * residual_scale,
         LOW_DOT=low, PREC=prec, **cfg,
     )  # fmt: skip
-    # Kernel 2: W <- a W + b G + lift(X).
+    # Kernel 2: W <- a W + b G + lift(X), stochastically rounded with a rounding seed (16-bit W).
     split = q0.dtype == torch.bfloat16
     cfg = _blocks(False)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), layers)
+    round_w = rounding_seed is not None and params[0].dtype in _LOW
+    rnd = _device_table((rounding_seed, *rounding_streams) if round_w else (0,), torch.int64, dev)
     _projected_adam_step_lift_kernel[grid](
-        params[0], g0, q0, x, _offsets(params), _offsets(grads), _offsets(projs),
+        params[0], g0, q0, x, _offsets(params), _offsets(grads), _offsets(projs), rnd,
         m, n, r, q0.stride(0), q0.stride(1), P * S, 1.0 - lr * weight_decay, -lr * residual_scale,
-        LEFT=left, HAS_G=residual_scale != 0.0, SPLIT=split, LOW_DOT=split and not INTERPRET, PREC=prec, **cfg,
+        LEFT=left, HAS_G=residual_scale != 0.0, SPLIT=split, LOW_DOT=split and not INTERPRET, PREC=prec,
+        ROUND=round_w, ALIGN4=n % 4 == 0 and cfg["BLOCK_N"] % 4 == 0, RNE_BY_HAND=INTERPRET, **cfg,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""lorenza-philox-v1 (``docs/rng.md``) in Triton: four normals per Philox block.
+"""lorenza-philox-v1 (``docs/rng.md``) in Triton: four normals per Philox block, and the rounding
+stream's words and stochastic rounding (``docs/rng.md``, "The rounding stream").
 
 Element ``i`` of stream ``(seed, stream)`` comes from Philox block ``b = i >> 2``, lane ``i & 3``:
 ``tl.philox`` on the counter ``(b mod 2^32, b >> 32, stream, 0)`` with the 64-bit seed as key (it
@@ -119,6 +120,70 @@ def normal_at(seed, idx, stream):
     second = lane >= 2
     zc, zs = box_muller(tl.where(second, x2, x0), tl.where(second, x3, x1))
     return tl.where((lane & 1) != 0, zs, zc)
+
+
+# --- the rounding stream (docs/rng.md, "The rounding stream") ------------------------------------
+
+
+@triton.jit
+def rounding_words(seed, first_block, stream, NB: tl.constexpr):
+    """The ``4 NB`` rounding words (uint32) of the elements from block ``first_block`` on, in flat
+    order: ``tl.philox`` on the counter ``(b mod 2^32, b >> 32, stream, 1)``."""
+    block = first_block + tl.arange(0, NB)
+    c0 = block.to(tl.uint32)
+    c1 = (block >> 32).to(tl.uint32)
+    zero = c0 * 0
+    x0, x1, x2, x3 = tl.philox(seed, c0, c1, zero + stream, zero + 1)
+    return tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
+
+
+@triton.jit
+def rounding_word_at(seed, idx, stream):
+    """The rounding word of arbitrary int64 flat indices (one Philox call per element)."""
+    c0 = (idx >> 2).to(tl.uint32)
+    c1 = (idx >> 34).to(tl.uint32)
+    zero = c0 * 0
+    x0, x1, x2, x3 = tl.philox(seed, c0, c1, zero + stream, zero + 1)
+    lane = idx & 3
+    return tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
+
+
+@triton.jit
+def stochastic_round(val, words, DTYPE: tl.constexpr):
+    """float32 ``val`` rounded stochastically to ``DTYPE`` (bfloat16 or float16) by the uint32
+    rounding ``words``, as a float32 that ``DTYPE`` holds exactly (or ``val`` itself where the
+    definition rounds to nearest: the caller's round-to-nearest store finishes both). Integer
+    arithmetic only, line for line ``csrc/common/stochastic_round.h``, whose comment derives it
+    from the definition: with G = (the k bits of ``|v|`` below the ulp) * 2^(23 - k) and
+    X = x >> 9, ``|r|`` grows by one ulp iff X < ceil(G) (v >= 0) or X + floor(G) >= 2^23 (v < 0)."""
+    bits = val.to(tl.uint32, bitcast=True)
+    sign = bits & 0x80000000
+    a = bits & 0x7FFFFFFF
+    x = words >> 9
+    one = a * 0 + 1
+    if DTYPE == tl.bfloat16:
+        g = (a & 0xFFFF) << 7
+        grow = tl.where(sign != 0, (x + g) >> 23, tl.where(x < g, one, one * 0))
+        r = ((a & 0xFFFF0000) + (grow << 16)) | sign
+        nearest = (a < 0x00800000) | (a >= 0x7F7F0000)
+    else:
+        e = a >> 23
+        k = tl.where(e >= 113, one * 13, 126 - tl.maximum(e, one))
+        tiny = k > 23
+        kk = tl.where(tiny, one * 23, k)
+        mask = (one << kk) - 1
+        g_in = (a & mask) << (23 - kk)
+        m = (a & 0x7FFFFF) | tl.where(e > 0, one * 0x800000, one * 0)
+        j = tl.where(tiny, tl.minimum(k - 23, one * 31), one)
+        g_lo = m >> j
+        inexact = tl.where((m & ((one << j) - 1)) != 0, one, one * 0)
+        g = tl.where(tiny, g_lo, g_in)
+        ceil_g = g + tl.where(tiny, inexact, one * 0)
+        grow = tl.where(sign != 0, (x + g) >> 23, tl.where(x < ceil_g, one, one * 0))
+        r_in = (a & ~mask) + (grow << kk)
+        r = tl.where(tiny, tl.where(grow != 0, one * 0x33800000, one * 0), r_in) | sign
+        nearest = a >= 0x477FE000
+    return tl.where(nearest, bits, r).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import triton.language as tl
 from .._registry import register
 from . import _tables as T
 from ._env import DEVICE_TYPES, INTERPRET
-from .rng import normal_at, normals, philox_normals
+from .rng import normal_at, normals, philox_normals, rounding_words, stochastic_round
 
 #: Defaults for the GPU; tests pass smaller ones to exercise many chunks on small tensors.
 BLOCK, ITERS, NUM_WARPS = 2048, 4, 8
@@ -69,11 +69,21 @@ def _round(val, DTYPE: tl.constexpr, RNE_BY_HAND: tl.constexpr):
     (triton/runtime/interpreter.py, cast_impl), so there the rounding is done on the bits."""
     if RNE_BY_HAND and DTYPE == tl.bfloat16:
         bits = val.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(val != val, val.to(tl.bfloat16), out)  # keep NaN a NaN
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # keep NaN a (quiet) NaN: truncating one whose payload is in the low half would give Inf
+        out = tl.where(val != val, (bits >> 16) | 0x40, rounded)
+        return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return val.to(DTYPE)
+
+
+@triton.jit
+def _store_value(val, words, DTYPE: tl.constexpr, ROUND: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+    """The float32 ``val`` as stored in ``DTYPE``: stochastically rounded with the rounding ``words``
+    when ``ROUND`` (16-bit dtypes only), else to nearest even."""
+    if ROUND and DTYPE != tl.float32:
+        val = stochastic_round(val, words, DTYPE)  # exact in DTYPE: _round stores it unchanged
+    return _round(val, DTYPE, RNE_BY_HAND)
 
 
 @triton.jit
@@ -87,16 +97,21 @@ def _axpby_step(
     alpha,
     beta,
     gamma,
+    rseed,
+    stream,
     BLOCK: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     FULL: tl.constexpr,
+    ROUND: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
     """One block of ``t <- beta t + alpha z + gamma a[col]``, rounded once to t's dtype.
 
     ``beta`` and ``gamma`` are tested with uniform branches rather than folded into the load
     masks: a mask that is not a bounds test would defeat vectorisation (and the interpreter
-    mis-broadcasts scalar booleans). ``FULL`` blocks have no bounds mask at all.
+    mis-broadcasts scalar booleans). ``FULL`` blocks have no bounds mask at all. With ``ROUND``
+    a 16-bit t is rounded stochastically: one more Philox call per 4 elements, for the rounding
+    words of the block (the rounding stream of ``(rseed, stream)``).
     """
     offs = off0 + tl.arange(0, BLOCK)
     inb = offs < numel
@@ -117,10 +132,14 @@ def _axpby_step(
             else:
                 col = col % ncols
             val += gamma * tl.load(r_ptr + col, mask=inb, other=0.0)
+    words = val.to(tl.uint32, bitcast=True)  # a placeholder: only read when ROUND
+    if ROUND and t_ptr.dtype.element_ty != tl.float32:
+        words = rounding_words(rseed, off0 >> 2, stream, BLOCK // 4)
+    out = _store_value(val, words, t_ptr.dtype.element_ty, ROUND, RNE_BY_HAND)
     if FULL:
-        tl.store(t_ptr + offs, _round(val, t_ptr.dtype.element_ty, RNE_BY_HAND))
+        tl.store(t_ptr + offs, out)
     else:
-        tl.store(t_ptr + offs, _round(val, t_ptr.dtype.element_ty, RNE_BY_HAND), mask=inb)
+        tl.store(t_ptr + offs, out, mask=inb)
 
 
 @triton.jit
@@ -135,9 +154,12 @@ def _axpby_typed(
     alpha,
     beta,
     gamma,
+    rseed,
+    stream,
     BLOCK: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     ALIGNED: tl.constexpr,
+    ROUND: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
     p = addr.to(tl.pointer_type(DTYPE))
@@ -147,9 +169,15 @@ def _axpby_typed(
         p = tl.multiple_of(p, 16)
     # Whole blocks without a bounds mask, so that loads and stores vectorise.
     if off0 + BLOCK <= numel:
-        _axpby_step(p, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, BLOCK, HAS_ROWS, True, RNE_BY_HAND)
+        _axpby_step(
+            p, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK, HAS_ROWS, True, ROUND,
+            RNE_BY_HAND,
+        )  # fmt: skip
     else:
-        _axpby_step(p, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, BLOCK, HAS_ROWS, False, RNE_BY_HAND)
+        _axpby_step(
+            p, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK, HAS_ROWS, False, ROUND,
+            RNE_BY_HAND,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -163,14 +191,17 @@ def _seeded_axpby_kernel(
     HAS_F16: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     ALIGNED: tl.constexpr,
+    ROUND: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
     """For the tensor of chunk ``pid``: ``t <- beta t + alpha z + gamma 1 a^T`` on its chunk, in
-    float32 rounded once to t's dtype; ``partial[pid] = sum(z^2)`` over the chunk."""
+    float32 rounded once to t's dtype (stochastically for 16-bit dtypes when ``ROUND``, with the
+    rounding seed of the table's header); ``partial[pid] = sum(z^2)`` over the chunk."""
     pid = tl.program_id(0).to(tl.int64)
     k = _find_row(tab_ptr, pid, T.A_CHUNK0, T.A_W)
     row = tab_ptr + T.HDR + k * T.A_W
     seed = tl.load(tab_ptr + T.SEED).to(tl.uint64, bitcast=True)
+    rseed = tl.load(tab_ptr + T.RSEED).to(tl.uint64, bitcast=True)
     stream = tl.load(row + T.A_STREAM).to(tl.uint32)
     start = (pid - tl.load(row + T.A_CHUNK0)) * (BLOCK * ITERS)
     numel = tl.load(row + T.A_NUMEL)
@@ -191,59 +222,99 @@ def _seeded_axpby_kernel(
             if HAS_F32:
                 if dt == 0:
                     _axpby_typed(
-                        addr,
-                        tl.float32,
-                        r_ptr,
-                        off0,
-                        numel,
-                        ncols,
-                        z,
-                        alpha,
-                        beta,
-                        gamma,
-                        BLOCK,
-                        HAS_ROWS,
-                        ALIGNED,
-                        RNE_BY_HAND,
-                    )
+                        addr, tl.float32, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK,
+                        HAS_ROWS, ALIGNED, ROUND, RNE_BY_HAND,
+                    )  # fmt: skip
             if HAS_BF16:
                 if dt == 1:
                     _axpby_typed(
-                        addr,
-                        tl.bfloat16,
-                        r_ptr,
-                        off0,
-                        numel,
-                        ncols,
-                        z,
-                        alpha,
-                        beta,
-                        gamma,
-                        BLOCK,
-                        HAS_ROWS,
-                        ALIGNED,
-                        RNE_BY_HAND,
-                    )
+                        addr, tl.bfloat16, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK,
+                        HAS_ROWS, ALIGNED, ROUND, RNE_BY_HAND,
+                    )  # fmt: skip
             if HAS_F16:
                 if dt == 2:
                     _axpby_typed(
-                        addr,
-                        tl.float16,
-                        r_ptr,
-                        off0,
-                        numel,
-                        ncols,
-                        z,
-                        alpha,
-                        beta,
-                        gamma,
-                        BLOCK,
-                        HAS_ROWS,
-                        ALIGNED,
-                        RNE_BY_HAND,
-                    )
+                        addr, tl.float16, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK,
+                        HAS_ROWS, ALIGNED, ROUND, RNE_BY_HAND,
+                    )  # fmt: skip
             acc += tl.where(off0 + tl.arange(0, BLOCK) < numel, z * z, 0.0)
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _round_typed(
+    addr, DTYPE: tl.constexpr, v, off0, numel, seed, stream, BLOCK: tl.constexpr, FULL: tl.constexpr,
+    ALIGNED: tl.constexpr, RNE_BY_HAND: tl.constexpr,
+):  # fmt: skip
+    """Store one block of ``SR(v)`` (a copy for float32) into the ``DTYPE`` tensor at ``addr``."""
+    p = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    offs = off0 + tl.arange(0, BLOCK)
+    words = v.to(tl.uint32, bitcast=True)  # a placeholder for float32
+    if DTYPE != tl.float32:
+        words = rounding_words(seed, off0 >> 2, stream, BLOCK // 4)
+    out = _store_value(v, words, DTYPE, True, RNE_BY_HAND)
+    if FULL:
+        tl.store(p + offs, out)
+    else:
+        tl.store(p + offs, out, mask=offs < numel)
+
+
+@triton.jit
+def _stochastic_round_kernel(
+    tab_ptr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    HAS_F32: tl.constexpr,
+    HAS_BF16: tl.constexpr,
+    HAS_F16: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
+):
+    """For the tensor pair of chunk ``pid``: ``dst <- SR(src)`` on its chunk (rounding stream of the
+    table's seed and the row's stream; a plain copy into a float32 dst)."""
+    pid = tl.program_id(0).to(tl.int64)
+    k = _find_row(tab_ptr, pid, T.R_CHUNK0, T.R_W)
+    row = tab_ptr + T.HDR + k * T.R_W
+    seed = tl.load(tab_ptr + T.SEED).to(tl.uint64, bitcast=True)
+    stream = tl.load(row + T.R_STREAM).to(tl.uint32)
+    start = (pid - tl.load(row + T.R_CHUNK0)) * (BLOCK * ITERS)
+    numel = tl.load(row + T.R_NUMEL)
+    addr = tl.load(row + T.R_DST)
+    src = tl.load(row + T.R_SRC).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        src = tl.multiple_of(src, 16)
+    dt = tl.load(row + T.R_DTYPE)
+    for it in range(ITERS):
+        off0 = start + it * BLOCK
+        if off0 < numel:
+            offs = off0 + tl.arange(0, BLOCK)
+            full = off0 + BLOCK <= numel
+            if full:
+                v = tl.load(src + offs)
+            else:
+                v = tl.load(src + offs, mask=offs < numel, other=0.0)
+            if HAS_F32:
+                if dt == 0:
+                    if full:
+                        _round_typed(addr, tl.float32, v, off0, numel, seed, stream, BLOCK, True, ALIGNED, RNE_BY_HAND)
+                    else:
+                        _round_typed(addr, tl.float32, v, off0, numel, seed, stream, BLOCK, False, ALIGNED, RNE_BY_HAND)
+            if HAS_BF16:
+                if dt == 1:
+                    if full:
+                        _round_typed(addr, tl.bfloat16, v, off0, numel, seed, stream, BLOCK, True, ALIGNED, RNE_BY_HAND)
+                    else:
+                        _round_typed(
+                            addr, tl.bfloat16, v, off0, numel, seed, stream, BLOCK, False, ALIGNED, RNE_BY_HAND
+                        )
+            if HAS_F16:
+                if dt == 2:
+                    if full:
+                        _round_typed(addr, tl.float16, v, off0, numel, seed, stream, BLOCK, True, ALIGNED, RNE_BY_HAND)
+                    else:
+                        _round_typed(addr, tl.float16, v, off0, numel, seed, stream, BLOCK, False, ALIGNED, RNE_BY_HAND)
 
 
 @triton.jit
@@ -328,6 +399,7 @@ def seeded_axpby_(
     beta: list[float],
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
+    rounding_seed: int | None = None,
     *,
     block: int = BLOCK,
     iters: int = ITERS,
@@ -337,11 +409,12 @@ def seeded_axpby_(
 
     ``seed`` is the int64 encoding of the uint64 seed (its 64 bits go to the kernel unchanged and
     are read back as a uint64 for ``tl.philox``). One launch for the list, one for the norms.
+    With ``rounding_seed`` (same encoding) 16-bit tensors are rounded stochastically.
     """
     # A block of at least 16 elements keeps every block start 16-byte aligned (the ALIGNED hint).
     if block < 16 or block & (block - 1) or iters < 1:
         raise ValueError(f"block, iters: need a power of two >= 16 and >= 1, got {block}, {iters}")
-    plan = T.axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, block * iters)
+    plan = T.axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, block * iters, rounding_seed)
     norms = torch.empty(len(tensors), dtype=torch.float32, device=plan.device)
     if plan.work == 0:
         return norms.zero_()
@@ -357,6 +430,7 @@ def seeded_axpby_(
             HAS_F16=torch.float16 in plan.dtypes,
             HAS_ROWS=row_vectors is not None,
             ALIGNED=plan.aligned,
+            ROUND=rounding_seed is not None and bool(plan.dtypes - {torch.float32}),
             RNE_BY_HAND=INTERPRET,
             num_warps=num_warps,
         )
@@ -385,3 +459,34 @@ def seeded_colsum(
             _seeded_colsum_kernel[(plan.work,)](plan.table, partial, RB=col_rows, BN=col_block, num_warps=8)
         _seeded_colsum_finish_kernel[(plan.finish,)](plan.table, partial, FBN=fin_block, num_warps=4)
     return plan.outputs
+
+
+@register("stochastic_round_", "triton", DEVICE_TYPES)
+def stochastic_round_(
+    dst: list[torch.Tensor],
+    src: list[torch.Tensor],
+    seed: int,
+    streams: list[int],
+    *,
+    block: int = BLOCK,
+    iters: int = ITERS,
+    num_warps: int = NUM_WARPS,
+) -> None:
+    """``dst_k <- SR(src_k)`` for the whole list in one launch (docs/rng.md, "The rounding stream")."""
+    if block < 16 or block & (block - 1) or iters < 1:
+        raise ValueError(f"block, iters: need a power of two >= 16 and >= 1, got {block}, {iters}")
+    plan = T.round_plan(dst, src, seed, streams, block * iters)
+    if plan.work == 0:
+        return
+    with _device_guard(plan.device):
+        _stochastic_round_kernel[(plan.work,)](
+            plan.table,
+            BLOCK=block,
+            ITERS=iters,
+            HAS_F32=torch.float32 in plan.dtypes,
+            HAS_BF16=torch.bfloat16 in plan.dtypes,
+            HAS_F16=torch.float16 in plan.dtypes,
+            ALIGNED=plan.aligned,
+            RNE_BY_HAND=INTERPRET,
+            num_warps=num_warps,
+        )
