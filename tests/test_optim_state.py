@@ -168,20 +168,34 @@ def test_low_precision_params_keep_dtype_and_fp32_state(dtype):
                     assert v.dtype == torch.float32, name
 
 
-def test_bf16_adamw_update_rounds_once_from_fp32():
-    """AdaZo-SAM (rho = 0) on bf16: the fp32 AdamW update of the fp32 image, rounded once."""
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_bf16_adamw_update_rounds_once_from_fp32(stochastic):
+    """AdaZo-SAM (rho = 0) on bf16: the fp32 AdamW update of the fp32 image, rounded once: to
+    nearest, or stochastically to one of the two bfloat16 neighbours of the float32 value."""
     x, y = mlp_data(dtype=torch.bfloat16)
     model = MLP(seed=8, dtype=torch.bfloat16)
     ref_model = copy.deepcopy(model)
-    opt = AdaZoSAM(model.parameters(), lr=1e-2, rho=0.0, weight_decay=0.1)
+    opt = AdaZoSAM(model.parameters(), lr=1e-2, rho=0.0, weight_decay=0.1, stochastic_rounding=stochastic)
     opt.step(mlp_closure(model, x, y))
     mlp_closure(ref_model, x, y)()  # bf16 gradients, as the optimizer saw them
     masters = [p.detach().float().clone().requires_grad_() for p in ref_model.parameters()]
     for m, p in zip(masters, ref_model.parameters()):
         m.grad = None if p.grad is None else p.grad.float()
     torch.optim.AdamW(masters, lr=1e-2, weight_decay=0.1, foreach=False).step()
+    moved = 0
     for p, m in zip(model.parameters(), masters):
-        assert torch.equal(p.detach(), m.detach().bfloat16())
+        if not stochastic:
+            assert torch.equal(p.detach(), m.detach().bfloat16())
+            continue
+        v = m.detach()
+        near = v.bfloat16().float()
+        down, up = (torch.tensor(x, dtype=torch.bfloat16) for x in (-1e30, 1e30))
+        other = torch.where(near > v, torch.nextafter(near.bfloat16(), down), torch.nextafter(near.bfloat16(), up))
+        other = other.float()
+        got = p.detach().float()
+        assert bool(((got == near) | ((got == other) & (near != v))).all())
+        moved += int((got != near).sum())
+    assert not stochastic or moved > 0  # some elements rounded away from the nearest value
 
 
 def test_lr_scheduler_drives_the_step():

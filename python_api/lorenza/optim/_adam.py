@@ -24,8 +24,11 @@ def adamw_slots_(
     grads: Sequence[torch.Tensor],
     state_dtype: torch.dtype | None,
     update: Callable = adamw_,
+    rounding_seed: int | None = None,
 ) -> None:
-    """One Adam step of every slot (state created on first use), one ``update`` call per group."""
+    """One Adam step of every slot (state created on first use), one ``update`` call per group.
+    With ``rounding_seed``, the groups that keep ``stochastic_rounding`` round their bfloat16/float16
+    parameters stochastically (each from its own stream)."""
     by_group: dict[int, list[int]] = {}
     for k, slot in enumerate(slots):
         by_group.setdefault(id(slot.group), []).append(k)
@@ -38,8 +41,10 @@ def adamw_slots_(
                 init_adam_state(p, st, state_dtype)
             st["step"] += 1
         beta1, beta2 = group["betas"]
+        rounds = rounding_seed is not None and bool(group.get("stochastic_rounding", True))
         update(
             params, [grads[k] for k in members], [st["exp_avg"] for st in states],
             [st["exp_avg_sq"] for st in states], [st["step"] for st in states], lr=float(group["lr"]),
             beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+            rounding_seed=rounding_seed if rounds else None, streams=[slots[k].stream for k in members],
         )  # fmt: skip

@@ -56,6 +56,7 @@ from . import _checks
 from ._backward import GradientPass, LayerPass
 from ._noise import DenseNoise, Noise, Perturbation, Slot
 from ._probe import ProbeMode
+from ._seeds import rounding_seed
 from .closure import as_loss
 
 __all__ = ["SeededOptimizer", "StepContext"]
@@ -108,6 +109,7 @@ class SeededOptimizer(torch.optim.Optimizer):
     group_checks: ClassVar[dict[str, _checks.Check]] = {
         "lr": _checks.non_negative,
         "weight_decay": _checks.non_negative,
+        "stochastic_rounding": _checks.boolean,
     }
     #: global option -> minimum integer value (``num_probes``: 1, ``num_queries``: 2).
     global_checks: ClassVar[dict[str, int]] = {}
@@ -126,8 +128,10 @@ class SeededOptimizer(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = torch.float32,
         options: dict[str, int] | None = None,
         probe: str = "exact",
+        stochastic_rounding: bool = True,
     ) -> None:
         seed = _checks.seed("seed", seed)
+        defaults = {**defaults, "stochastic_rounding": stochastic_rounding}
         _checks.boolean("per_layer", per_layer)
         _checks.choice("probe", probe, PROBES)
         _checks.dtype_or_none("state_dtype", state_dtype, _STATE_DTYPES)
@@ -328,6 +332,10 @@ class SeededOptimizer(torch.optim.Optimizer):
         return closure
 
     # --- hooks ----------------------------------------------------------------------------------
+
+    def _rounding_seed(self, step: int, k: int = 0) -> int:
+        """The rounding seed of write pass ``k`` of ``step`` (``_seeds.rounding_seed``)."""
+        return rounding_seed(self.seed, step, k)
 
     def _context(self, step: int) -> StepContext:
         """The context of step ``step``: the trainable parameters with their streams, the noise."""

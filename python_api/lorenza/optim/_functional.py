@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+import lorenza_kernels as lk
+
 __all__ = ["BUCKET_NUMEL", "adamw_", "buckets", "galore_adamw_", "init_adam_state"]
 
 #: Elements per bucket of a multi-tensor update: bounds the float32 temporaries (square roots,
@@ -55,6 +57,23 @@ def _images(params: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[torch.
     return [p.to(dtype) for p in params], True
 
 
+def _write_back(
+    params: list[torch.Tensor], work: list[torch.Tensor], rounding_seed: int | None, streams: Sequence[int] | None
+) -> None:
+    """Round the images back into the low-precision parameters: to nearest, or stochastically
+    (``lorenza_kernels.stochastic_round_``, parameter ``k`` from stream ``streams[k]``)."""
+    low = [k for k, (p, w) in enumerate(zip(params, work)) if p is not w]
+    if not low:
+        return
+    if rounding_seed is None:
+        torch._foreach_copy_([params[k] for k in low], [work[k] for k in low])
+        return
+    if streams is None:
+        raise ValueError("streams: required with rounding_seed")
+    lk.stochastic_round_([params[k] for k in low], [work[k] for k in low], rounding_seed,
+                         streams=[streams[k] for k in low])  # fmt: skip
+
+
 @torch.no_grad()
 def adamw_(
     params: list[torch.Tensor],
@@ -68,10 +87,14 @@ def adamw_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    rounding_seed: int | None = None,
+    streams: Sequence[int] | None = None,
 ) -> None:
     """One AdamW step of every parameter; ``steps[i]`` is parameter i's step, counted from 1.
 
-    All moments share one dtype; parameters and gradients may be of lower precision.
+    All moments share one dtype; parameters and gradients may be of lower precision, updated on a
+    float32 image and rounded back once: to nearest, or with ``rounding_seed`` stochastically
+    (parameter ``i`` from stream ``streams[i]``).
     """
     if not params:
         return
@@ -94,7 +117,7 @@ def adamw_(
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(work, ms, denom, [-(lr / b) for b in bc1])
         if copied:
-            torch._foreach_copy_(ps, work)
+            _write_back(ps, work, rounding_seed, [streams[i] for i in idx] if streams is not None else None)
 
 
 @torch.no_grad()
@@ -110,6 +133,8 @@ def galore_adamw_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    rounding_seed: int | None = None,
+    streams: Sequence[int] | None = None,
 ) -> None:
     """galore-torch's update of the parameters outside the subspace (transformers' old AdamW):
     ``eps`` added to ``sqrt(V)`` before the bias correction, step size ``lr sqrt(bc2) / bc1``, and
@@ -140,4 +165,4 @@ def galore_adamw_(
         if weight_decay > 0.0:
             torch._foreach_add_(work, work, alpha=-lr * weight_decay)
         if copied:
-            torch._foreach_copy_(ps, work)
+            _write_back(ps, work, rounding_seed, [streams[i] for i in idx] if streams is not None else None)

@@ -24,7 +24,16 @@ import lorenza_kernels as lk
 
 from ._probe import ProbeMode, exact_probe_context
 
-__all__ = ["DenseNoise", "MomentumNoise", "Noise", "Perturbation", "Slot", "per_slot", "seeded_axpby_slots_"]
+__all__ = [
+    "DenseNoise",
+    "MomentumNoise",
+    "Noise",
+    "Perturbation",
+    "Slot",
+    "per_slot",
+    "rounds_stochastically",
+    "seeded_axpby_slots_",
+]
 
 
 class Slot(NamedTuple):
@@ -35,6 +44,14 @@ class Slot(NamedTuple):
     stream: int
     group: dict
     index: int
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def rounds_stochastically(slot: Slot) -> bool:
+    """A bfloat16/float16 parameter whose group keeps ``stochastic_rounding`` (default True)."""
+    return slot.param.dtype in LOW_PRECISION and bool(slot.group.get("stochastic_rounding", True))
 
 
 def per_slot(value: float | Sequence[float], n: int, name: str = "alpha") -> list[float]:
@@ -58,28 +75,38 @@ def seeded_axpby_slots_(
     *,
     row_vectors: Sequence[torch.Tensor] | None = None,
     gamma: float | Sequence[float] | None = None,
+    rounding_seed: int | None = None,
+    rounds: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k 1 a_k^T]`` with ``z_k`` from stream ``streams[k]``.
 
     One kernel call per device. A non-contiguous tensor (rare for parameters) goes through a
     contiguous copy. Called under ``torch.no_grad()`` by the optimizers (parameters are updated in
     place, not detached: the op refuses tensors that require grad while grad is enabled). Returns
-    ``sum(z_k^2)`` per tensor (float32, on the first tensor's device).
+    ``sum(z_k^2)`` per tensor (float32, on the first tensor's device). With ``rounding_seed``,
+    bfloat16/float16 tensors round stochastically (``docs/kernels.md``), those with ``rounds[k]``
+    False (a group that turned stochastic rounding off) to nearest: one more call then.
     """
     n = len(tensors)
     alphas, betas = per_slot(alpha, n, "alpha"), per_slot(beta, n, "beta")
     gammas = per_slot(gamma, n, "gamma") if gamma is not None else None
     streams = list(streams)
     device = tensors[0].device if n else torch.device("cpu")
-    devices = {t.device for t in tensors}
     copies = [k for k, t in enumerate(tensors) if not t.is_contiguous()]
-    if len(devices) <= 1 and not copies:  # the usual case: one call, nothing to rearrange
+    if rounding_seed is not None and rounds is not None and not all(rounds):
+        keys = [(t.device, bool(r)) for t, r in zip(tensors, rounds)]
+    else:
+        keys = [(t.device, rounding_seed is not None) for t in tensors]
+    if len(set(keys)) <= 1 and not copies:  # the usual case: one call, nothing to rearrange
         rows = list(row_vectors) if row_vectors is not None else None
-        return lk.seeded_axpby_(list(tensors), seed, alphas, betas, streams=streams, row_vectors=rows, gamma=gammas)
+        rseed = rounding_seed if keys and keys[0][1] else None
+        return lk.seeded_axpby_(
+            list(tensors), seed, alphas, betas, streams=streams, row_vectors=rows, gamma=gammas, rounding_seed=rseed
+        )
     work = [t.contiguous() if k in copies else t for k, t in enumerate(tensors)]
     norms = torch.empty(n, dtype=torch.float32, device=device)
-    for dev in devices:
-        idx = [k for k, t in enumerate(work) if t.device == dev]
+    for key in dict.fromkeys(keys):
+        idx = [k for k in range(n) if keys[k] == key]
         sq = lk.seeded_axpby_(
             [work[k] for k in idx],
             seed,
@@ -88,6 +115,7 @@ def seeded_axpby_slots_(
             streams=[streams[k] for k in idx],
             row_vectors=[row_vectors[k] for k in idx] if row_vectors is not None else None,
             gamma=[gammas[k] for k in idx] if gammas is not None else None,
+            rounding_seed=rounding_seed if key[1] else None,
         )
         norms[idx] = sq.to(device)
     for k in copies:
@@ -130,6 +158,21 @@ class DenseNoise:
             return lk.seeded_axpby_(list(out), seed, list(alpha), beta, streams=[slots[0].stream])
         tensors = [s.param for s in slots] if out is None else out
         return seeded_axpby_slots_(tensors, [s.stream for s in slots], seed, alpha, beta)
+
+    def update_(
+        self,
+        slots: Sequence[Slot],
+        seed: int,
+        alpha: Sequence[float],
+        beta: float | Sequence[float],
+        rounding_seed: int,
+    ) -> None:
+        """An update pass ``p <- beta p + alpha z`` that rounds low-precision parameters
+        stochastically (those whose group keeps ``stochastic_rounding``) with ``rounding_seed``."""
+        seeded_axpby_slots_(
+            [s.param for s in slots], [s.stream for s in slots], seed, alpha, beta,
+            rounding_seed=rounding_seed, rounds=[rounds_stochastically(s) for s in slots],
+        )  # fmt: skip
 
     def norms(self, slots: Sequence[Slot], seed: int) -> torch.Tensor:
         scratch = [torch.empty_like(s.param, memory_format=torch.contiguous_format) for s in slots]

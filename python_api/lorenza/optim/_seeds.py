@@ -15,7 +15,10 @@ Conventions shared by every optimizer of :mod:`lorenza.optim`:
   vectors ``a`` use ``probe_seed(seed, 0, 0)``);
 * ``probe`` is the index of the probe (query) within the step, from 0;
 * probes from ``RESERVED_PROBE_BASE = 2**32`` on are reserved for other noise of a step that is not
-  a perturbation probe (for instance a randomized-SVD sketch).
+  a perturbation probe: ``RESERVED_PROBE_BASE`` itself seeds the randomized-SVD sketches, and
+  ``ROUNDING_PROBE_BASE + k`` (:func:`rounding_seed`) the stochastic rounding of the ``k``-th pass
+  of a step that writes a low-precision parameter (``docs/rng.md``, "The rounding stream": the
+  rounding words are a separate Philox counter range, so even an equal seed gives unrelated bits).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lorenza_kernels._checks import seed_value
 
 _MASK64 = (1 << 64) - 1
 RESERVED_PROBE_BASE = 1 << 32
+ROUNDING_PROBE_BASE = RESERVED_PROBE_BASE + (1 << 16)
 INIT_STEP = 0
 
 
@@ -49,3 +53,11 @@ def probe_seed(seed: int, step: int, probe: int) -> int:
     """
     seed, step, probe = seed_value(seed, "seed"), seed_value(step, "step"), seed_value(probe, "probe")
     return splitmix64(splitmix64(splitmix64(seed) ^ step) ^ probe)
+
+
+def rounding_seed(seed: int, step: int, k: int = 0) -> int:
+    """The seed of the stochastic rounding of write pass ``k`` of step ``step``:
+    ``probe_seed(seed, step, ROUNDING_PROBE_BASE + k)``. A parameter written by several passes of
+    one step (MeZO with several probes, LOREN's vectors) gets independent words in each, so every
+    rounding is unbiased given the value it rounds; the stream is the parameter's, as for noise."""
+    return probe_seed(seed, step, ROUNDING_PROBE_BASE + k)

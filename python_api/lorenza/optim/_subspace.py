@@ -36,7 +36,7 @@ import lorenza_kernels as lk
 
 from . import _checks
 from ._functional import buckets
-from ._noise import DenseNoise, Slot, seeded_axpby_slots_
+from ._noise import DenseNoise, Slot, rounds_stochastically, seeded_axpby_slots_
 from ._seeds import RESERVED_PROBE_BASE, probe_seed
 
 __all__ = [
@@ -205,9 +205,12 @@ class Subspace:
         moment_transform: str,
         adam_scalars: Callable[[dict, int], tuple[float, float]],
         factors: bool = False,
+        rounding_seed: int | None = None,
     ) -> None:
         """Refresh the due bases of ``slots`` (one SVD call), carry their moments, then one projected
-        Adam call per bucket of same-shape layers. ``adam_scalars(group, step)`` gives ``(eps, scale)``."""
+        Adam call per bucket of same-shape layers. ``adam_scalars(group, step)`` gives ``(eps, scale)``.
+        With ``rounding_seed`` the bfloat16/float16 matrices of groups that keep
+        ``stochastic_rounding`` are written back stochastically, each from its own stream."""
         opt = self._owner()
         glob = opt._global
         due = [k for k, s in enumerate(slots) if s.index in plan.position]
@@ -230,7 +233,9 @@ class Subspace:
             key = (id(s.group), lay, s.param.dtype, grads[k].dtype, s.param.device, eps, scale)
             buckets.setdefault(key, []).append(k)
         for (_, lay, *_, eps, scale), members in buckets.items():
-            self._projected_adam(opt.state, [slots[k] for k in members], [grads[k] for k in members], lay, eps, scale)
+            part = [slots[k] for k in members]
+            rseed = rounding_seed if rounding_seed is not None and rounds_stochastically(part[0]) else None
+            self._projected_adam(opt.state, part, [grads[k] for k in members], lay, eps, scale, rseed)
 
     @staticmethod
     def _install(state, slots, lays, bases, moment_transform: str) -> None:
@@ -253,7 +258,9 @@ class Subspace:
             lk.moment_transform_(*(list(x) for x in zip(*items)), side=side, mode=moment_transform)
 
     @staticmethod
-    def _projected_adam(state, slots, grads, lay: Layout, eps: float, scale: float) -> None:
+    def _projected_adam(
+        state, slots, grads, lay: Layout, eps: float, scale: float, rounding_seed: int | None = None
+    ) -> None:
         group = slots[0].group
         params = [s.param for s in slots]
         work = [p if p.is_contiguous() else p.contiguous() for p in params]
@@ -264,7 +271,8 @@ class Subspace:
             [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], step=[st["step"] for st in states],
             lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=eps,
             weight_decay=float(group["weight_decay"]), scale=scale, side=lay.side,
-            residual_scale=float(group.get("residual_scale", 0.0)),
+            residual_scale=float(group.get("residual_scale", 0.0)), rounding_seed=rounding_seed,
+            rounding_streams=[s.stream for s in slots] if rounding_seed is not None else None,
         )  # fmt: skip
         for p, w in zip(params, work):
             if w is not p:

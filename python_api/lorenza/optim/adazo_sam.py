@@ -97,6 +97,7 @@ class AdaZoSAM(SeededOptimizer):
         state_dtype: torch.dtype | None = torch.float32,
         probe: str = "exact",
         probe_space: str = "full",
+        stochastic_rounding: bool = True,
     ) -> None:
         _checks.choice("probe_space", probe_space, self.probe_spaces)
         if probe_space == "momentum" and num_probes != 1:
@@ -110,6 +111,7 @@ class AdaZoSAM(SeededOptimizer):
             state_dtype=state_dtype,
             options={"num_probes": num_probes},
             probe=probe,
+            stochastic_rounding=stochastic_rounding,
         )
         self._global["probe_space"] = probe_space
 
@@ -174,4 +176,4 @@ class AdaZoSAM(SeededOptimizer):
         return None
 
     def _update(self, ctx: StepContext, slots: Sequence[Slot], grads: Sequence[torch.Tensor]) -> None:
-        adamw_slots_(self.state, slots, grads, self.state_dtype)
+        adamw_slots_(self.state, slots, grads, self.state_dtype, rounding_seed=self._rounding_seed(ctx.step))

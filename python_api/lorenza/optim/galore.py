@@ -107,6 +107,7 @@ class GaLoreAdamW(SeededOptimizer):
         power_iters: int = 1,
         seed: int = 0,
         per_layer: bool = False,
+        stochastic_rounding: bool = True,
     ) -> None:
         _checks.choice("svd", svd, SVDS)
         params, default_rank = group_default_rank(params, rank)
@@ -116,7 +117,9 @@ class GaLoreAdamW(SeededOptimizer):
         )  # fmt: skip
         self.group_checks["rank"]("rank", rank)  # checked even when galore-style groups leave it unused
         options = {"oversample": oversample, "power_iters": power_iters}
-        super().__init__(params, defaults, seed=seed, per_layer=per_layer, options=options)
+        super().__init__(
+            params, defaults, seed=seed, per_layer=per_layer, options=options, stochastic_rounding=stochastic_rounding
+        )
         self._global["svd"] = svd
         self._subspace = Subspace(self)
 
@@ -193,14 +196,16 @@ class GaLoreAdamW(SeededOptimizer):
         layouts = ctx.plan.layouts
         dense = [k for k, s in enumerate(slots) if layouts[s.index] is None]
         projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None]
+        rseed = self._rounding_seed(ctx.step)
         if dense:
             adamw_slots_(
-                self.state, [slots[k] for k in dense], [grads[k] for k in dense], torch.float32, update=galore_adamw_
-            )
+                self.state, [slots[k] for k in dense], [grads[k] for k in dense], torch.float32, update=galore_adamw_,
+                rounding_seed=rseed,
+            )  # fmt: skip
         if projected:
             self._subspace.update(
                 ctx.plan, [slots[k] for k in projected], [grads[k] for k in projected], moment_transform="keep",
-                adam_scalars=self._adam_scalars,
+                adam_scalars=self._adam_scalars, rounding_seed=rseed,
             )  # fmt: skip
 
     def _adam_scalars(self, group: dict, step: int) -> tuple[float, float]:

@@ -17,7 +17,8 @@ import lorenza_kernels as lk
 
 from . import _checks
 from ._base import SeededOptimizer
-from ._noise import Slot, seeded_axpby_slots_
+from ._functional import buckets
+from ._noise import Slot, rounds_stochastically, seeded_axpby_slots_
 from ._probe import ProbeMode
 from ._seeds import INIT_STEP, probe_seed
 
@@ -103,11 +104,13 @@ class Loren(SeededOptimizer):
         seed: int = 0,
         state_dtype: torch.dtype | None = torch.float32,
         probe: str = "exact",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = dict(lr=lr, mu=mu, damping=damping, lr_cov=lr_cov, momentum=momentum, weight_decay=weight_decay)
         super().__init__(
-            params, defaults, seed=seed, state_dtype=state_dtype, options={"num_queries": num_queries}, probe=probe
-        )
+            params, defaults, seed=seed, state_dtype=state_dtype, options={"num_queries": num_queries}, probe=probe,
+            stochastic_rounding=stochastic_rounding,
+        )  # fmt: skip
 
     def _init_states(self, slots: Sequence[Slot]) -> list[dict]:
         """The slots' states; the new ones get ``a = gaussian(n, probe_seed(seed, 0, 0), stream)``
@@ -137,6 +140,17 @@ class Loren(SeededOptimizer):
         if not slots:
             return torch.zeros(0), []
         return lk.seeded_loren_stats([s.param.detach() for s in slots], seed, rows, streams=[s.stream for s in slots])
+
+    @staticmethod
+    def _rounded_momentum_step(slots, bufs, lrs, decays, rounding_seed: int) -> None:
+        """``X <- SR(X decay - lr M)`` for low-precision matrices: the arithmetic on float32 images
+        (a bucket of at most ``BUCKET_NUMEL`` elements at a time), one stochastic rounding each."""
+        for idx in buckets(len(slots), [s.param.numel() for s in slots]):
+            params = [slots[i].param for i in idx]
+            work = [p.float() for p in params]
+            torch._foreach_mul_(work, [decays[i] for i in idx])
+            torch._foreach_add_(work, torch._foreach_mul([bufs[i] for i in idx], [-lrs[i] for i in idx]))
+            lk.stochastic_round_(params, work, rounding_seed, streams=[slots[i].stream for i in idx])
 
     @staticmethod
     def _materializer(slots, seed: int, mus, c, p, rows):
@@ -189,13 +203,17 @@ class Loren(SeededOptimizer):
         p = [scalars[n + k * n : n + (k + 1) * n] for k in range(K)]
         mus = [float(s.group["mu"]) for s in slots]
 
-        def apply(subset: Sequence[int], k: int, coef: Sequence[float], beta: float | Sequence[float] = 1.0, on=None):
-            """``x <- beta x + coef S(a) u_k`` for the slots ``subset`` (on their params, or ``on``)."""
+        def apply(subset: Sequence[int], k: int, coef: Sequence[float], beta: float | Sequence[float] = 1.0, on=None,
+                  rounding: int | None = None):  # fmt: skip
+            """``x <- beta x + coef S(a) u_k`` for the slots ``subset`` (on their params, or ``on``);
+            an update pass of the parameters gives ``rounding`` (its pass number) for stochastic rounding."""
             gamma = [-cf * c[i] * p[k][i] for cf, i in zip(coef, subset)]
             tensors = [slots[i].param for i in subset] if on is None else [on[i] for i in subset]
+            rseed = self._rounding_seed(t, rounding) if rounding is not None else None
             seeded_axpby_slots_(
                 tensors, [slots[i].stream for i in subset], seeds[k], coef, beta,
-                row_vectors=[rows[i] for i in subset], gamma=gamma,
+                row_vectors=[rows[i] for i in subset], gamma=gamma, rounding_seed=rseed,
+                rounds=[rounds_stochastically(slots[i]) for i in subset] if rseed is not None else None,
             )  # fmt: skip
 
         everyone = list(range(n))
@@ -236,13 +254,17 @@ class Loren(SeededOptimizer):
         is_vec = [slots[i].param.dim() < 2 for i in everyone]
 
         last = K - 1
+        # Low-precision matrices that round stochastically take decay and momentum step on a float32
+        # image, rounded once (below); the others are updated in place as before.
+        sr_matrices = [i for i in matrices if rounds_stochastically(slots[i])]
         if exact:
-            # Vectors: X <- X (1 - lr wd) - lr g, the decay in the first query's pass.
+            # Vectors: X <- X (1 - lr wd) - lr g, the decay in the first query's pass; pass k rounds
+            # with its own rounding seed.
             for k in range(K):
                 if vectors:
                     first = [decay[i] for i in vectors] if k == 0 else 1.0
-                    apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors], first)
-            decayed = [i for i in matrices if decay[i] != 1.0]
+                    apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors], first, rounding=k)
+            decayed = [i for i in matrices if decay[i] != 1.0 and i not in sr_matrices]
             for dk, members in _by_value(decayed, decay).items():
                 torch._foreach_mul_([slots[i].param for i in members], dk)
         else:
@@ -251,14 +273,20 @@ class Loren(SeededOptimizer):
             apply(everyone, last, restore, decay)
             for k in range(last):
                 if vectors:
-                    apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors])
+                    apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors], rounding=k)
         if matrices:
             bufs = [st.get("momentum_buffer") for st in states]
             for k in range(K):
                 beta = [float(slots[i].group["momentum"]) for i in matrices] if k == 0 else 1.0
                 apply(matrices, k, [w[k][i] for i in matrices], beta, on=bufs)
-            for lr, members in _by_value(matrices, lrs).items():  # one call per learning rate, no temporary
+            plain = [i for i in matrices if i not in sr_matrices]
+            for lr, members in _by_value(plain, lrs).items():  # one call per learning rate, no temporary
                 torch._foreach_add_([slots[i].param for i in members], [bufs[i] for i in members], alpha=-lr)
+            if sr_matrices:
+                self._rounded_momentum_step(
+                    [slots[i] for i in sr_matrices], [bufs[i] for i in sr_matrices], [lrs[i] for i in sr_matrices],
+                    [decay[i] if exact else 1.0 for i in sr_matrices], self._rounding_seed(t, K),
+                )  # fmt: skip
 
         # Covariance: a <- a - lr_cov g_a = a (1 + lr_cov scale) - lr_cov cols, with this step's a, c, p_k.
         live = [i for i in everyone if float(slots[i].group["lr_cov"]) != 0.0 and s_[i] != 0.0]

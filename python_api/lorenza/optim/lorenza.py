@@ -104,6 +104,7 @@ class Lorenza(AdaZoSAM):
         per_layer: bool = False,
         probe: str = "exact",
         probe_space: str = "singular",
+        stochastic_rounding: bool = True,
     ) -> None:
         _checks.choice("moment_transform", moment_transform, MOMENT_TRANSFORMS)
         _checks.choice("probe_space", probe_space, self.probe_spaces)
@@ -121,7 +122,10 @@ class Lorenza(AdaZoSAM):
         _checks.choice("svd", svd, SVDS)
         options = {"num_probes": num_probes, "oversample": oversample, "power_iters": power_iters}
         # AdaZoSAM.__init__ would drop the low-rank keys: go straight to SeededOptimizer's.
-        super(AdaZoSAM, self).__init__(params, defaults, seed=seed, per_layer=per_layer, options=options, probe=probe)
+        super(AdaZoSAM, self).__init__(
+            params, defaults, seed=seed, per_layer=per_layer, options=options, probe=probe,
+            stochastic_rounding=stochastic_rounding,
+        )  # fmt: skip
         self._global.update(moment_transform=moment_transform, svd=svd, probe_space=probe_space)
         self._subspace = Subspace(self)
 
@@ -155,14 +159,16 @@ class Lorenza(AdaZoSAM):
         layouts = ctx.plan.layouts
         dense = [k for k, s in enumerate(slots) if layouts[s.index] is None]
         projected = [k for k, s in enumerate(slots) if layouts[s.index] is not None]
+        rseed = self._rounding_seed(ctx.step)
         if dense:
-            adamw_slots_(self.state, [slots[k] for k in dense], [grads[k] for k in dense], self.state_dtype)
+            adamw_slots_(self.state, [slots[k] for k in dense], [grads[k] for k in dense], self.state_dtype,
+                         rounding_seed=rseed)  # fmt: skip
         if projected:
             self._subspace.update(
                 ctx.plan, [slots[k] for k in projected], [grads[k] for k in projected],
                 moment_transform=self._global["moment_transform"],
                 adam_scalars=lambda group, step: (float(group["eps"]), float(group["scale"])),
-                factors=self._global["probe_space"] == "singular",
+                factors=self._global["probe_space"] == "singular", rounding_seed=rseed,
             )  # fmt: skip
 
 

@@ -82,9 +82,13 @@ class MeZO(_TwoSidedZO):
         num_probes: int = 1,
         seed: int = 0,
         probe: str = "exact",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = dict(lr=lr, mu=mu, weight_decay=weight_decay)
-        super().__init__(params, defaults, seed=seed, state_dtype=None, options={"num_probes": num_probes}, probe=probe)
+        super().__init__(
+            params, defaults, seed=seed, state_dtype=None, options={"num_probes": num_probes}, probe=probe,
+            stochastic_rounding=stochastic_rounding,
+        )  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
@@ -98,9 +102,12 @@ class MeZO(_TwoSidedZO):
         # In place, theta is at theta0 - mu z_last: restore and update in one pass (exact: update).
         at = self.left_at(mus)
         alpha = [-b * a - lr * gi / q for b, a, lr, gi in zip(decay, at, lrs, g[last])]
-        ctx.noise.apply_(slots, seeds[last], alpha, decay)
+        # every pass writes the parameters: bfloat16/float16 ones round stochastically, pass j with
+        # its own rounding seed (docs/algorithms.md, "Stochastic rounding")
+        ctx.noise.update_(slots, seeds[last], alpha, decay, self._rounding_seed(ctx.step, last))
         for j in range(last):
-            ctx.noise.apply_(slots, seeds[j], [-lr * gi / q for lr, gi in zip(lrs, g[j])])
+            ctx.noise.update_(slots, seeds[j], [-lr * gi / q for lr, gi in zip(lrs, g[j])], 1.0,
+                              self._rounding_seed(ctx.step, j))  # fmt: skip
         return loss
 
 
@@ -139,11 +146,13 @@ class MeZOAdam(_TwoSidedZO):
         seed: int = 0,
         state_dtype: torch.dtype | None = torch.float32,
         probe: str = "exact",
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = dict(lr=lr, mu=mu, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(
-            params, defaults, seed=seed, state_dtype=state_dtype, options={"num_probes": num_probes}, probe=probe
-        )
+            params, defaults, seed=seed, state_dtype=state_dtype, options={"num_probes": num_probes}, probe=probe,
+            stochastic_rounding=stochastic_rounding,
+        )  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
@@ -156,7 +165,7 @@ class MeZOAdam(_TwoSidedZO):
         for idx in buckets(len(slots), [s.param.numel() for s in slots]):
             part = [slots[i] for i in idx]
             grads = self._estimate(part, seeds, [[g[j][s.index] / q for s in part] for j in range(q)])
-            adamw_slots_(self.state, part, grads, self.state_dtype)
+            adamw_slots_(self.state, part, grads, self.state_dtype, rounding_seed=self._rounding_seed(ctx.step))
         return loss
 
     @staticmethod
