@@ -10,7 +10,7 @@ import torch
 from _optim_common import SEED, Problem, noise, single_thread  # noqa: F401
 
 import lorenza_kernels as lk
-from lorenza.optim import AdaZoSAM, Loren, MeZO, MeZOAdam, probe_seed, splitmix64
+from lorenza.optim import AdaZoSAM, Loren, MeZO, MeZOAdam, make_closure, probe_seed, splitmix64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -207,3 +207,53 @@ def test_add_param_group_keeps_streams():
         opt_b.step(problem.closure(pb))
     for x, y in zip(pa, pb):
         assert torch.equal(x, y)
+
+
+# --- LOREN's covariance: how far it moves ---------------------------------------------------------
+
+
+def _loren_quadratic(covariance: str, lr_cov: float, steps: int = 60):
+    from lorenza.optim import Loren
+
+    m, n = 8, 16
+    h = torch.logspace(0, 2, n, dtype=torch.float64)
+    target = torch.randn(m, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    X = torch.nn.Parameter(torch.zeros(m, n))
+    opt = Loren([X], lr=1e-3, num_queries=4, seed=1, covariance=covariance, lr_cov=lr_cov)
+    a0 = None
+    steps_seen = []
+    for _ in range(steps):
+        opt.step(make_closure(lambda: 0.5 * (((X.double() - target) ** 2) * h).mean()))
+        if a0 is None:
+            a0 = opt.state[X]["a"].clone()
+        steps_seen.append(opt.covariance_steps()[0])
+    a = opt.state[X]["a"]
+    return float((a - a0).norm() / a0.norm()), steps_seen
+
+
+def test_loren_paper_covariance_is_inert_at_its_defaults():
+    # docs/algorithms.md, "LOREN": the published step scales like mu^4 times the curvature; at the
+    # defaults (mu 1e-3, lr_cov 1e-3) it is below float32's resolution of a
+    moved, rel = _loren_quadratic("paper", 1e-3)
+    assert max(rel) < 1e-8 and moved < 1e-6
+
+
+def test_loren_normalized_covariance_moves_by_lr_cov_per_step():
+    # the documented setting: covariance="normalized", lr_cov=1e-2 -> each step moves a by 1% of ||a||
+    moved, rel = _loren_quadratic("normalized", 1e-2)
+    assert all(abs(r - 1e-2) < 1e-4 for r in rel[1:])
+    assert moved > 0.05
+
+
+def test_loren_covariance_option_is_checked_and_saved():
+    from lorenza.optim import Loren
+
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="covariance"):
+        Loren([p], covariance="natural")
+    opt = Loren([p], covariance="normalized")
+    sd = opt.state_dict()
+    assert sd["lorenza"]["covariance"] == "normalized"
+    other = Loren([torch.nn.Parameter(torch.zeros(4, 3))])
+    other.load_state_dict(sd)
+    assert other._global["covariance"] == "normalized"

@@ -22,7 +22,12 @@ from ._noise import Slot, rounds_stochastically, seeded_axpby_slots_
 from ._probe import ProbeMode
 from ._seeds import INIT_STEP, probe_seed
 
-__all__ = ["Loren"]
+__all__ = ["COVARIANCE_FORMS", "Loren"]
+
+#: LOREN's covariance updates: "paper" (the published form, whose step scales like mu^4 times the
+#: curvature and is inert at the defaults) and "normalized" (the same estimator as a direction, with
+#: a step of relative size lr_cov: ||a_new - a|| = lr_cov ||a||); docs/algorithms.md, "LOREN".
+COVARIANCE_FORMS = ("paper", "normalized")
 
 
 def _by_value(indices: Sequence[int], values: Sequence[float]) -> dict[float, list[int]]:
@@ -105,12 +110,34 @@ class Loren(SeededOptimizer):
         state_dtype: torch.dtype | None = torch.float32,
         probe: str = "exact",
         stochastic_rounding: bool = True,
+        covariance: str = "paper",
     ) -> None:
+        _checks.choice("covariance", covariance, COVARIANCE_FORMS)
         defaults = dict(lr=lr, mu=mu, damping=damping, lr_cov=lr_cov, momentum=momentum, weight_decay=weight_decay)
         super().__init__(
             params, defaults, seed=seed, state_dtype=state_dtype, options={"num_queries": num_queries}, probe=probe,
             stochastic_rounding=stochastic_rounding,
         )  # fmt: skip
+        self._global["covariance"] = covariance
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        glob = state_dict.get("lorenza") if isinstance(state_dict, dict) else None
+        if isinstance(glob, dict):
+            glob.setdefault("covariance", "paper")  # saved before the option existed
+            _checks.choice("state_dict['lorenza']['covariance']", glob["covariance"], COVARIANCE_FORMS)
+        super().load_state_dict(state_dict)
+
+    def covariance_steps(self) -> dict[int, float]:
+        """``||a_t - a_{t-1}|| / ||a_{t-1}||`` of the last step, per parameter stream (0 before the
+        first step and when ``lr_cov`` is 0): the size of the covariance update, to log. At the paper's
+        defaults it is below 1e-11, under float32's resolution of ``a`` (``docs/algorithms.md``,
+        "LOREN": the covariance forms)."""
+        out = {}
+        for slot in self._slots():
+            st = self.state.get(slot.param, {})
+            v = st.get("cov_step")
+            out[slot.stream] = float(v) if v is not None else 0.0
+        return out
 
     def _init_states(self, slots: Sequence[Slot]) -> list[dict]:
         """The slots' states; the new ones get ``a = gaussian(n, probe_seed(seed, 0, 0), stream)``
@@ -290,8 +317,14 @@ class Loren(SeededOptimizer):
 
         # Covariance: a <- a - lr_cov g_a = a (1 + lr_cov scale) - lr_cov cols, with this step's a, c, p_k.
         live = [i for i in everyone if float(slots[i].group["lr_cov"]) != 0.0 and s_[i] != 0.0]
+        for i in everyone:
+            if i not in live:
+                states[i]["cov_step"] = torch.zeros((), dtype=torch.float32, device=rows[i].device)
         if live:
             lr_cov = [float(slots[i].group["lr_cov"]) for i in live]
+            # g_a = mu^2 sqrt(lambda) S with S = sum_k (f_k - f_bar)/(K-1) grad_a log p(eps_k), the
+            # score-function estimate of grad_a E[L(X + eps)] (docs/algorithms.md, "LOREN")
+            normalized = self._global.get("covariance", "paper") == "normalized"
             coef = [[d[k] / (K - 1) * mus[i] * mus[i] / D[i] for k in range(K)] for i in live]
             cols = torch._foreach_mul([stats[0][1][i] for i in live], [cf[0] * p[0][i] for cf, i in zip(coef, live)])
             for k in range(1, K):
@@ -303,7 +336,17 @@ class Loren(SeededOptimizer):
                 sum(cf[k] * (1.0 + c[i] * (p[k][i] ** 2 - s_[i])) for k in range(K)) * m[i] for cf, i in zip(coef, live)
             ]
             a_list = [states[i]["a"] for i in live]
-            torch._foreach_mul_(a_list, [1.0 + lc * sc for lc, sc in zip(lr_cov, scale)])
-            torch._foreach_mul_(cols, [-lc for lc in lr_cov])
-            torch._foreach_add_(a_list, cols)
+            # the step a_new - a = -lr_cov g_a = lr_cov (scale a - cols), and its size relative to ||a||
+            delta = torch._foreach_mul(a_list, [lc * sc for lc, sc in zip(lr_cov, scale)])
+            torch._foreach_add_(delta, torch._foreach_mul(cols, [-lc for lc in lr_cov]))
+            a_norms = torch._foreach_norm(a_list)
+            d_norms = torch._foreach_norm(delta)
+            if normalized:  # the direction of -g_a, a step of lr_cov ||a||: mu and the loss scale cancel
+                factors = torch._foreach_div(torch._foreach_mul(a_norms, lr_cov), torch._foreach_add(d_norms, 1e-30))
+                torch._foreach_mul_(delta, factors)
+                d_norms = torch._foreach_mul(d_norms, factors)
+            rel = torch._foreach_div(d_norms, a_norms)
+            torch._foreach_add_(a_list, delta)
+            for i, r in zip(live, rel):
+                states[i]["cov_step"] = r
         return mean_loss
