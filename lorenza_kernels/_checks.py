@@ -15,6 +15,9 @@ import torch
 
 SEED_LIMIT = 1 << 64
 STREAM_LIMIT = 1 << 32
+#: Element offsets (the index of a tensor's element 0 in the stream, ``offsets=``): ``offset + numel``
+#: stays below 2^62, so every index and Philox block number fits an int64 on every backend.
+OFFSET_LIMIT = 1 << 62
 #: dtypes the seeded kernels read and write (and the projected-Adam parameters).
 PERTURB_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: dtypes whose shape alone matters (``seeded_colsum`` reads no data).
@@ -87,6 +90,30 @@ def check_streams(streams: Sequence[int], count: int, name: str = "streams") -> 
     for k, s in enumerate(streams):
         if not 0 <= s < STREAM_LIMIT:
             raise ValueError(f"{name}[{k}]: must lie in [0, 2**32), got {s}")
+
+
+def check_offsets(offsets: Sequence[int], tensors: Sequence[torch.Tensor], name: str = "offsets") -> None:
+    """One element offset per tensor: ``offsets[k] >= 0`` and ``offsets[k] + numel <= 2^62``."""
+    if len(offsets) != len(tensors):
+        raise ValueError(f"{name}: expected {len(tensors)} values (one per tensor), got {len(offsets)}")
+    for k, (o, t) in enumerate(zip(offsets, tensors)):
+        if not 0 <= o or o + t.numel() > OFFSET_LIMIT:
+            raise ValueError(f"{name}[{k}]: must lie in [0, 2**62 - numel], got {o}")
+
+
+def offset_list(offsets: object, count: int, name: str = "offsets") -> list[int] | None:
+    """The ``offsets=`` argument of the public functions: None, or ``count`` ints (range checked by the op)."""
+    if offsets is None:
+        return None
+    if type(offsets) is list and all(type(o) is int for o in offsets):
+        out = offsets
+    elif isinstance(offsets, (str, torch.Tensor)) or not isinstance(offsets, Sequence):
+        raise TypeError(f"{name}: expected a list of ints (one per tensor), got {type(offsets).__name__}")
+    else:
+        out = [as_int(o, f"{name}[{k}]") for k, o in enumerate(offsets)]
+    if len(out) != count:
+        raise ValueError(f"{name}: expected {count} values (one per tensor), got {len(out)}")
+    return out
 
 
 def check_stream(stream: int, name: str = "stream") -> None:

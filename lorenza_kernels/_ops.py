@@ -28,17 +28,21 @@ SCHEMAS: dict[str, tuple[str, tuple[int, ...]]] = {
     # docs/kernels.md section 1: seeded perturbation regeneration
     "seeded_axpby_": (
         "(Tensor(a!)[] tensors, int seed, int[] streams, float[] alpha, float[] beta, "
-        "Tensor[]? row_vectors=None, float[]? gamma=None, int? rounding_seed=None) -> Tensor",
+        "Tensor[]? row_vectors=None, float[]? gamma=None, int? rounding_seed=None, int[]? offsets=None) -> Tensor",
         (0,),
     ),
-    "seeded_colsum": ("(Tensor[] tensors, int seed, int[] streams) -> Tensor[]", ()),
+    "seeded_colsum": ("(Tensor[] tensors, int seed, int[] streams, int[]? offsets=None) -> Tensor[]", ()),
     # dst_k <- SR(src_k) with the rounding stream (seed, streams[k]) (docs/rng.md)
-    "stochastic_round_": ("(Tensor(a!)[] dst, Tensor[] src, int seed, int[] streams) -> ()", (0,)),
+    "stochastic_round_": (
+        "(Tensor(a!)[] dst, Tensor[] src, int seed, int[] streams, int[]? offsets=None) -> ()",
+        (0,),
+    ),
     # docs/kernels.md section 2: fused projected Adam and the moment transform
     "projected_adam_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "int[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, float scale, str side, "
-        "float residual_scale, int? rounding_seed=None, int[]? rounding_streams=None) -> ()",
+        "float residual_scale, int? rounding_seed=None, int[]? rounding_streams=None, "
+        "int[]? rounding_offsets=None) -> ()",
         (0, 3, 4),
     ),
     "moment_transform_": (
@@ -103,11 +107,13 @@ def _device(tensors) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def _fake_seeded_axpby_(tensors, seed, streams, alpha, beta, row_vectors=None, gamma=None, rounding_seed=None):
+def _fake_seeded_axpby_(
+    tensors, seed, streams, alpha, beta, row_vectors=None, gamma=None, rounding_seed=None, offsets=None
+):
     return torch.empty(len(tensors), dtype=torch.float32, device=_device(tensors))
 
 
-def _fake_seeded_colsum(tensors, seed, streams):
+def _fake_seeded_colsum(tensors, seed, streams, offsets=None):
     from ._shapes import matrix_dims
 
     return [torch.empty(matrix_dims(t)[1], dtype=torch.float32, device=t.device) for t in tensors]

@@ -24,6 +24,7 @@ from ._checks import (
     check_disjoint_from,
     check_finite_list,
     check_no_grad,
+    check_offsets,
     check_stream,
     check_streams,
     check_tensor_list,
@@ -74,7 +75,7 @@ def _finite(values) -> bool:
 
 
 def seeded_axpby_(
-    tensors, seed, streams, alpha, beta, row_vectors=None, gamma=None, rounding_seed=None, *, memory=True
+    tensors, seed, streams, alpha, beta, row_vectors=None, gamma=None, rounding_seed=None, offsets=None, *, memory=True
 ) -> None:
     # The common case is checked in one tight loop (this runs on every call of the hottest op);
     # anything off goes through the general checks, which name the argument at fault.
@@ -102,16 +103,20 @@ def seeded_axpby_(
         check_finite_list(beta, n, "beta")
     if row_vectors is not None or gamma is not None:
         _row_vectors(row_vectors, gamma, tensors, device)
+    if offsets is not None:
+        check_offsets(offsets, tensors)
     if memory and n > 1:
         check_disjoint(tensors, "tensors[{}]".format)
 
 
-def seeded_colsum(tensors, seed, streams, *, memory=True) -> None:
+def seeded_colsum(tensors, seed, streams, offsets=None, *, memory=True) -> None:
     check_tensor_list(tensors, "tensors", ANY_FLOAT, contiguous=False)
     check_streams(streams, len(tensors))
+    if offsets is not None:
+        check_offsets(offsets, tensors)
 
 
-def stochastic_round_(dst, src, seed, streams, *, memory=True) -> None:
+def stochastic_round_(dst, src, seed, streams, offsets=None, *, memory=True) -> None:
     check_tensor_list(dst, "dst")
     n = len(dst)
     if len(src) != n:
@@ -126,6 +131,8 @@ def stochastic_round_(dst, src, seed, streams, *, memory=True) -> None:
         if not s.is_contiguous():
             raise ValueError(f"src[{k}]: must be contiguous (the rounding stream follows the flat row-major index)")
     check_streams(streams, n)
+    if offsets is not None:
+        check_offsets(offsets, dst)
     check_no_grad(dst, "dst")
     if memory and n:
         check_disjoint(dst, "dst[{}]".format)
@@ -181,7 +188,7 @@ def _check_same_batch(i: int, layer, first) -> None:
 
 def projected_adam_step_(
     params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
-    residual_scale, rounding_seed=None, rounding_streams=None, *, memory=True,
+    residual_scale, rounding_seed=None, rounding_streams=None, rounding_offsets=None, *, memory=True,
 ) -> None:  # fmt: skip
     check_choice(side, "side", SIDES)
     k = len(params)
@@ -194,6 +201,10 @@ def projected_adam_step_(
         raise ValueError("rounding_seed, rounding_streams: give both or neither")
     if rounding_streams is not None:
         check_streams(rounding_streams, k, "rounding_streams")
+    if rounding_offsets is not None:
+        if rounding_seed is None:
+            raise ValueError("rounding_offsets: only with rounding_seed (they index the rounding stream)")
+        check_offsets(rounding_offsets, params, "rounding_offsets")
     for s in steps:
         if s < 1:
             raise ValueError(f"steps: each must be >= 1 (the step being taken, counted from 1), got {s}")

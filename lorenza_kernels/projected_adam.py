@@ -86,6 +86,7 @@ def projected_adam_step_(
     residual_scale: float = 0.0,
     rounding_seed: int | None = None,
     rounding_stream: int | None = None,
+    rounding_offset: int | None = None,
 ) -> None:
     """One Adam step inside the subspace of ``proj``, in place on ``param``, ``exp_avg``, ``exp_avg_sq``.
 
@@ -111,6 +112,8 @@ def projected_adam_step_(
     its ``m x n`` view with the rounding word ``i`` of stream ``(rounding_seed, rounding_stream)``
     (``docs/rng.md``, "The rounding stream"). Unbiased, so updates far below half an ulp of the
     parameter accumulate in expectation instead of vanishing. The moments round to nearest.
+    ``rounding_offset`` (with a rounding seed): element ``i`` takes the word ``rounding_offset + i``
+    instead, for a ``param`` that is a row shard of a larger matrix starting at that element.
     """
     lr, beta1, beta2, eps, weight_decay, scale, residual_scale = _hyper(
         lr, beta1, beta2, eps, weight_decay, scale, residual_scale
@@ -121,9 +124,10 @@ def projected_adam_step_(
         if not 0 <= streams[0] < _checks.STREAM_LIMIT:
             raise ValueError(f"rounding_stream: must lie in [0, 2**32), got {streams[0]}")
     rseed, rstreams = _rounding(rounding_seed, streams, "rounding_seed, rounding_stream")
+    offs = None if rounding_offset is None else [_checks.as_int(rounding_offset, "rounding_offset")]
     _ops.projected_adam_step_(
         [param], [grad], [proj], [exp_avg], [exp_avg_sq], _steps(step, 1), lr, beta1, beta2, eps, weight_decay,
-        scale, side, residual_scale, rseed, rstreams,
+        scale, side, residual_scale, rseed, rstreams, offs,
     )  # fmt: skip
 
 
@@ -145,6 +149,7 @@ def projected_adam_step_batched_(
     residual_scale: float = 0.0,
     rounding_seed: int | None = None,
     rounding_streams: Sequence[int] | None = None,
+    rounding_offsets: Sequence[int] | None = None,
 ) -> None:
     """:func:`projected_adam_step_` for a batch of layers of ONE shape and dtype set, in one call.
 
@@ -152,14 +157,16 @@ def projected_adam_step_batched_(
     stacked tensor whose dim 0 indexes the layers (it is unbound into views, so the update lands
     in it). ``step`` is one int or one per layer (a layer whose moments were reset restarts at 1).
     ``rounding_seed`` and ``rounding_streams`` (one stream per layer), both or neither: stochastic
-    rounding of 16-bit parameters, layer ``l`` with the stream ``rounding_streams[l]``.
+    rounding of 16-bit parameters, layer ``l`` with the stream ``rounding_streams[l]`` (and, with
+    ``rounding_offsets``, the words from ``rounding_offsets[l]`` on: row shards of larger matrices).
     On CUDA the Triton backend runs the whole batch in two launches; elsewhere it loops.
     """
     names = ("params", "grads", "projs", "exp_avgs", "exp_avg_sqs")
     lists = [_as_list(x, nm) for x, nm in zip((params, grads, projs, exp_avgs, exp_avg_sqs), names)]
     hyper = _hyper(lr, beta1, beta2, eps, weight_decay, scale, residual_scale)
     rseed, rstreams = _rounding(rounding_seed, rounding_streams, "rounding_seed, rounding_streams")
-    _ops.projected_adam_step_(*lists, _steps(step, len(lists[0])), *hyper[:6], side, hyper[6], rseed, rstreams)
+    offs = _checks.offset_list(rounding_offsets, len(lists[0]), "rounding_offsets")
+    _ops.projected_adam_step_(*lists, _steps(step, len(lists[0])), *hyper[:6], side, hyper[6], rseed, rstreams, offs)
 
 
 def moment_transform_(

@@ -42,6 +42,7 @@ def seeded_axpby_(
     row_vectors: Sequence[torch.Tensor] | None = None,
     gamma: float | Sequence[float] | None = None,
     rounding_seed: int | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """In place, one pass: ``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k 1 a_k^T]``; returns ``sum(z_k^2)``.
 
@@ -58,6 +59,13 @@ def seeded_axpby_(
     ``(rounding_seed, s_k)`` (``docs/rng.md``, "The rounding stream"): unbiased, ``E[t_k] = v`` for the
     float32 value ``v``, so updates far below half an ulp accumulate in expectation instead of
     vanishing. float32 tensors are unaffected. Costs one more Philox call per 4 elements.
+
+    ``offsets`` (one int >= 0 per tensor, default zeros): element ``i`` of ``t_k`` takes the noise (and
+    the rounding word) of index ``offsets[k] + i`` of its streams, i.e. ``t_k`` is treated as the part
+    of a larger tensor that starts at that element: a shard of a sharded parameter (FSDP2 splits
+    rows, so a shard is a contiguous range of the flat index) gets the noise the whole tensor would
+    get there. The rank-one term and the norms follow ``t_k`` itself (a row-aligned shard's columns
+    are the full matrix's).
     """
     # Fast paths for the common argument types: this is the hottest call of every optimizer step.
     ts = tensors if type(tensors) is list else _tensor_list(tensors)
@@ -72,10 +80,13 @@ def seeded_axpby_(
         gammas = _checks.per_tensor(gamma, n, "gamma")
     seed64 = seed if type(seed) is int and 0 <= seed < _INT63 else _checks.seed_to_int64(seed)
     streams = _streams(streams, first_stream, n)
-    if rounding_seed is None:
-        return _ops.seeded_axpby_(ts, seed64, streams, alphas, betas, rows, gammas)
-    rseed64 = _checks.seed_to_int64(rounding_seed, "rounding_seed")
-    return _ops.seeded_axpby_(ts, seed64, streams, alphas, betas, rows, gammas, rseed64)
+    rseed64 = None if rounding_seed is None else _checks.seed_to_int64(rounding_seed, "rounding_seed")
+    if offsets is None:
+        if rseed64 is None:
+            return _ops.seeded_axpby_(ts, seed64, streams, alphas, betas, rows, gammas)
+        return _ops.seeded_axpby_(ts, seed64, streams, alphas, betas, rows, gammas, rseed64)
+    offs = _checks.offset_list(offsets, n)
+    return _ops.seeded_axpby_(ts, seed64, streams, alphas, betas, rows, gammas, rseed64, offs)
 
 
 def stochastic_round_(
@@ -85,6 +96,7 @@ def stochastic_round_(
     *,
     streams: Sequence[int] | None = None,
     first_stream: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """In place ``dst_k <- SR(src_k)``: float32 values rounded stochastically, reproducibly from a seed.
 
@@ -97,24 +109,38 @@ def stochastic_round_(
     float16 (a float32 ``dst_k`` gets a plain copy); ``src_k``: float32 of the same shape, both
     contiguous on one device. No ``dst_k`` may overlap another ``dst`` or any ``src``. The result
     is bitwise the same on every backend. Used to write back the float32 image of a low-precision
-    parameter after an update.
+    parameter after an update. ``offsets`` (one per pair): element ``i`` of ``dst_k`` takes the
+    rounding word ``offsets[k] + i`` (a shard of a larger tensor, as in :func:`seeded_axpby_`).
     """
     ds = dst if type(dst) is list else _tensor_list(dst, "dst")
     ss = src if type(src) is list else _tensor_list(src, "src")
     seed64 = seed if type(seed) is int and 0 <= seed < _INT63 else _checks.seed_to_int64(seed)
-    _ops.stochastic_round_(ds, ss, seed64, _streams(streams, first_stream, len(ds)))
+    streams_ = _streams(streams, first_stream, len(ds))
+    if offsets is None:
+        _ops.stochastic_round_(ds, ss, seed64, streams_)
+    else:
+        _ops.stochastic_round_(ds, ss, seed64, streams_, _checks.offset_list(offsets, len(ds)))
 
 
 def seeded_colsum(
-    tensors: Sequence[torch.Tensor], seed: int, *, streams: Sequence[int] | None = None, first_stream: int = 0
+    tensors: Sequence[torch.Tensor],
+    seed: int,
+    *,
+    streams: Sequence[int] | None = None,
+    first_stream: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """Column sums of ``z_k`` viewed as ``m x n`` (float32, length n), reading no tensor data.
 
-    Only the shapes and the device of ``tensors`` are used; streams as :func:`seeded_axpby_`.
+    Only the shapes and the device of ``tensors`` are used; streams and ``offsets`` as
+    :func:`seeded_axpby_` (with offsets, the sums over this shard's rows of the larger tensor).
     """
     ts = tensors if type(tensors) is list else _tensor_list(tensors)
     seed64 = seed if type(seed) is int and 0 <= seed < _INT63 else _checks.seed_to_int64(seed)
-    return _ops.seeded_colsum(ts, seed64, _streams(streams, first_stream, len(ts)))
+    streams_ = _streams(streams, first_stream, len(ts))
+    if offsets is None:
+        return _ops.seeded_colsum(ts, seed64, streams_)
+    return _ops.seeded_colsum(ts, seed64, streams_, _checks.offset_list(offsets, len(ts)))
 
 
 def seeded_loren_stats(
@@ -124,18 +150,21 @@ def seeded_loren_stats(
     *,
     streams: Sequence[int] | None = None,
     first_stream: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """LOREN's per-tensor statistics of the noise: ``(p, colsums)``.
 
     ``p_k = <a_bar_k, z_k> = sum_ij a_k[j] z_k[i, j]`` (a float32 tensor of K values), where
     ``a_bar_k`` repeats the row vector ``a_k`` over the m rows, and ``colsums[k] = 1^T z_k``.
     Since ``<a_bar, z> = <a, 1^T z>``, ``p`` follows from the column sums with no second pass.
+    With ``offsets`` (shards of larger tensors, as :func:`seeded_axpby_`) both are this shard's
+    partial sums: the whole tensor's are their sums over the shards.
     """
     ts = _tensor_list(tensors)
     rows = _tensor_list(row_vectors, "row_vectors")
     if len(rows) != len(ts):
         raise ValueError(f"row_vectors: expected {len(ts)} vectors (one per tensor), got {len(rows)}")
-    colsums = seeded_colsum(ts, seed, streams=streams, first_stream=first_stream)
+    colsums = seeded_colsum(ts, seed, streams=streams, first_stream=first_stream, offsets=offsets)
     for k, (a, c) in enumerate(zip(rows, colsums)):
         if not isinstance(a, torch.Tensor) or a.dim() != 1 or a.shape != c.shape or a.device != c.device:
             want = f"a vector of {c.numel()} values on {c.device}"

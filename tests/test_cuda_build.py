@@ -49,12 +49,13 @@ def test_import_does_not_initialise_cuda():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("record", ["axpby", "colsum", "round"])
-def test_record_layout(so, record):
+@pytest.mark.parametrize("record,size", [("axpby", 80), ("colsum", 80), ("round", 64)])
+def test_record_layout(so, record, size):
     dt = getattr(so.layout(), record)
-    assert dt.itemsize == 64
+    assert dt.itemsize == size and size % 16 == 0  # whole 16-byte loads (load_record)
+    assert "offset" in dt.names  # the element offset of a shard (offsets=)
     spans = sorted((dt.fields[n][1], dt.fields[n][1] + dt.fields[n][0].itemsize) for n in dt.names)
-    assert spans[0][0] >= 0 and spans[-1][1] <= 64
+    assert spans[0][0] >= 0 and spans[-1][1] <= size
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), "fields overlap"
 
 
@@ -85,6 +86,9 @@ def test_axpby_table(so):
     assert rec["read_t"].tolist() == [1, 0, 1, 0, 1]  # decided on the float64 beta, as the reference
     assert rec["alpha"][0] == np.float32(0.1)
     assert rec["row"].tolist() == [rows[0].data_ptr(), 0, rows[2].data_ptr(), rows[3].data_ptr(), rows[4].data_ptr()]
+    assert rec["offset"].tolist() == [0] * 5  # no offsets: every tensor starts at stream index 0
+    offs = [3, 0, 7, 12, 1 << 40]
+    assert so.axpby_table(ts, [0.1] * 5, [1.0] * 5, streams, offsets=offs)[0]["offset"].tolist() == offs
 
 
 def test_round_table(so):

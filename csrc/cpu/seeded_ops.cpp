@@ -7,7 +7,9 @@
 //   seeded_colsum: column sums of z_k viewed as m_k x n_k, float32 out.
 //   stochastic_round: dst_k <- SR(src_k) (float32 src; a plain copy for a float32 dst).
 // z_k is the lorenza-philox-v1 stream (seed, streams[k]); stochastic rounding uses the rounding
-// stream (rounding seed, streams[k]), one more Philox call per 4 elements (docs/rng.md).
+// stream (rounding seed, streams[k]), one more Philox call per 4 elements (docs/rng.md). Every op
+// takes a per-tensor element offset: element i of t_k is stream index offsets[k] + i (a shard of a
+// sharded parameter); the rank-one term and the column sums follow t_k's own m x n view.
 //
 // Determinism: the work is cut into pieces fixed by the shapes alone (kChunk elements, or groups
 // of rows for the column sums); each piece writes its own partial sums and those are added in a
@@ -62,6 +64,7 @@ using PhiloxFn = void (*)(const StreamKey&, uint64_t, PhiloxTile&);
 struct AxpbyArgs {
   void* data;
   int64_t numel, ncols;
+  int64_t offset;    // element i draws stream index offset + i (a shard of a larger tensor)
   int dtype;
   float alpha, beta, gamma;
   const float* row;  // nullptr: no rank-1 term
@@ -70,29 +73,34 @@ struct AxpbyArgs {
   StreamKey rkey;
 };
 
-// Elements [start, stop) of one tensor (start a multiple of kTile); returns their sum(z^2).
+// Elements [start, stop) of one tensor; returns their sum(z^2). Element i draws the noise (and the
+// rounding word) of stream index offset + i: the loop walks whole tiles of the stream from the tile
+// holding index offset + start and keeps the lanes in range (with offset 0 and start a multiple of
+// kTile every tile is whole but a tensor's last, as before offsets existed).
 template <class D, PhiloxFn P, bool kRound>
 LORENZA_CPU_INLINE double axpby_piece(const AxpbyArgs& a, int64_t start, int64_t stop) {
   using S = typename D::storage;
   const float alpha = a.alpha, beta = a.beta, gamma = a.gamma;
-  int64_t col = a.row ? start % a.ncols : 0;
+  int64_t col = a.row ? start % a.ncols : 0;  // the row term follows the tensor's own index
   alignas(64) float z[kTile];
   alignas(64) float v[kTile];
   alignas(64) uint32_t words[kRound ? kTile : 1];
   double acc[16] = {};
-  for (int64_t i = start; i < stop; i += kTile) {
-    gaussian_tile<P>(a.key, static_cast<uint64_t>(i) >> 2, z);
-    const int n = static_cast<int>(std::min<int64_t>(kTile, stop - i));
-    S* __restrict t = static_cast<S*>(a.data) + i;
+  const int64_t g_begin = a.offset + start, g_end = a.offset + stop;
+  for (int64_t g = g_begin & ~static_cast<int64_t>(kTile - 1); g < g_end; g += kTile) {
+    gaussian_tile<P>(a.key, static_cast<uint64_t>(g) >> 2, z);
+    const int lo = static_cast<int>(std::max<int64_t>(g, g_begin) - g);
+    const int hi = static_cast<int>(std::min<int64_t>(g + kTile, g_end) - g);
+    S* __restrict t = static_cast<S*>(a.data) + (g - a.offset);  // t[j]: lanes lo <= j < hi only
     // Same float32 operation order as the reference: (t beta) + (z alpha) [+ (a gamma)].
     if (beta == 0.0f) {
-      for (int j = 0; j < n; ++j) v[j] = z[j] * alpha;
+      for (int j = lo; j < hi; ++j) v[j] = z[j] * alpha;
     } else {
-      for (int j = 0; j < n; ++j) v[j] = D::load(t[j]) * beta + z[j] * alpha;
+      for (int j = lo; j < hi; ++j) v[j] = D::load(t[j]) * beta + z[j] * alpha;
     }
     if (a.row) {  // the row vector repeats every ncols elements: add it in contiguous runs
-      for (int j = 0; j < n;) {
-        const int run = static_cast<int>(std::min<int64_t>(n - j, a.ncols - col));
+      for (int j = lo; j < hi;) {
+        const int run = static_cast<int>(std::min<int64_t>(hi - j, a.ncols - col));
         const float* __restrict r = a.row + col;
         for (int q = 0; q < run; ++q) v[j + q] += r[q] * gamma;
         j += run;
@@ -101,12 +109,13 @@ LORENZA_CPU_INLINE double axpby_piece(const AxpbyArgs& a, int64_t start, int64_t
       }
     }
     if constexpr (kRound) {
-      word_tile<P>(a.rkey, static_cast<uint64_t>(i) >> 2, words);
-      for (int j = 0; j < n; ++j) t[j] = D::store_sr(v[j], words[j]);
+      word_tile<P>(a.rkey, static_cast<uint64_t>(g) >> 2, words);
+      for (int j = lo; j < hi; ++j) t[j] = D::store_sr(v[j], words[j]);
     } else {
-      for (int j = 0; j < n; ++j) t[j] = D::store(v[j]);
+      for (int j = lo; j < hi; ++j) t[j] = D::store(v[j]);
     }
-    for (int j = n; j < kTile; ++j) z[j] = 0.0f;
+    for (int j = 0; j < lo; ++j) z[j] = 0.0f;
+    for (int j = hi; j < kTile; ++j) z[j] = 0.0f;
     // 16 float lanes over one tile (4 terms each), then into double: vectorizes without
     // reassociation and keeps the chunk's sum accurate to double rounding.
     float lanes[16] = {};
@@ -198,6 +207,7 @@ LORENZA_CPU_INLINE void colsum_range(const StreamKey& key, int64_t start, int64_
 
 struct ColsumPlan {
   StreamKey key;
+  int64_t offset;  // stream index of element 0
   int64_t m, n, width, col_blocks, rows_per_group, groups;
   float* out;
   double* scratch;  // groups x n partial sums, used when groups > 1
@@ -210,10 +220,11 @@ LORENZA_CPU_INLINE void colsum_piece(const ColsumPlan& p, int64_t piece, double*
   const int64_t r0 = g * p.rows_per_group, r1 = std::min(p.m, r0 + p.rows_per_group);
   const int64_t w = std::min(p.n, c0 + p.width) - c0;
   std::fill(acc, acc + w, 0.0);
+  const int64_t o = p.offset;
   if (w == p.n) {  // whole rows: one contiguous range
-    colsum_range<P>(p.key, r0 * p.n, r1 * p.n, p.n, acc);
+    colsum_range<P>(p.key, o + r0 * p.n, o + r1 * p.n, p.n, acc);
   } else {
-    for (int64_t r = r0; r < r1; ++r) colsum_range<P>(p.key, r * p.n + c0, r * p.n + c0 + w, w, acc);
+    for (int64_t r = r0; r < r1; ++r) colsum_range<P>(p.key, o + r * p.n + c0, o + r * p.n + c0 + w, w, acc);
   }
   if (p.groups == 1) {
     for (int64_t j = 0; j < w; ++j) p.out[c0 + j] = static_cast<float>(acc[j]);
@@ -335,8 +346,8 @@ void stochastic_round(const std::vector<RoundArgs>& args, int num_threads) {
   }
 }
 
-void seeded_colsum(StreamKey key, int64_t numel, int64_t n, float* out, int num_threads) {
-  ColsumPlan p{key, n > 0 ? numel / n : 0, n, 0, 0, 0, 0, out, nullptr};
+void seeded_colsum(StreamKey key, int64_t offset, int64_t numel, int64_t n, float* out, int num_threads) {
+  ColsumPlan p{key, offset, n > 0 ? numel / n : 0, n, 0, 0, 0, 0, out, nullptr};
   if (p.m == 0 || n == 0) {
     std::fill(out, out + n, 0.0f);
     return;
@@ -399,9 +410,11 @@ void bind_seeded_ops_cpu(py::module_& m) {
       "seeded_axpby_cpu",
       [](const Ptrs& ptrs, const Ints& numels, const std::vector<int>& dtypes, const Ints& ncols, uint64_t seed,
          const Ints& streams, const Floats& alpha, const Floats& beta, const Ptrs& row_ptrs, const Floats& gamma,
-         uintptr_t norms_ptr, int num_threads, std::optional<uint64_t> rounding_seed) {
+         uintptr_t norms_ptr, int num_threads, std::optional<uint64_t> rounding_seed,
+         std::optional<Ints> offsets) {
         const size_t K = ptrs.size();
         require_len(numels, K, "numels"), require_len(dtypes, K, "dtypes"), require_len(ncols, K, "ncols");
+        if (offsets) require_len(*offsets, K, "offsets");
         require_len(streams, K, "streams"), require_len(alpha, K, "alpha"), require_len(beta, K, "beta");
         require_len(row_ptrs, K, "row_ptrs"), require_len(gamma, K, "gamma");
         require(K == 0 || norms_ptr != 0, "norms_ptr: null");
@@ -418,7 +431,9 @@ void bind_seeded_ops_cpu(py::module_& m) {
           // gamma == 0 skips the term, as the reference does (a NaN in the row stays out).
           const bool row = row_ptrs[k] != 0 && gamma[k] != 0.0;
           const uint32_t stream = check_stream(streams[k], k);
-          args[k] = cpu::AxpbyArgs{reinterpret_cast<void*>(ptrs[k]), numels[k], ncols[k], dtypes[k],
+          const int64_t offset = offsets ? (*offsets)[k] : 0;
+          if (offset < 0 || offset > (int64_t(1) << 62) - numels[k]) require(false, "offsets" + at() + ": out of range");
+          args[k] = cpu::AxpbyArgs{reinterpret_cast<void*>(ptrs[k]), numels[k], ncols[k], offset, dtypes[k],
                                    static_cast<float>(alpha[k]), static_cast<float>(beta[k]),
                                    static_cast<float>(gamma[k]),
                                    row ? reinterpret_cast<const float*>(row_ptrs[k]) : nullptr,
@@ -431,11 +446,12 @@ void bind_seeded_ops_cpu(py::module_& m) {
       py::arg("ptrs"), py::arg("numels"), py::arg("dtypes"), py::arg("ncols"), py::arg("seed"),
       py::arg("streams"), py::arg("alpha"), py::arg("beta"), py::arg("row_ptrs"), py::arg("gamma"),
       py::arg("norms_ptr"), py::arg("num_threads"), py::arg("rounding_seed") = py::none(),
+      py::arg("offsets") = py::none(),
       "In place t_k <- beta_k t_k + alpha_k z_k (+ gamma_k row_k[i % ncols_k] where row_ptrs[k] != 0),\n"
       "z_k = stream (seed, streams[k]); float32 math rounded once to dtype (stochastically, with the\n"
       "rounding stream (rounding_seed, streams[k]), for 16-bit dtypes when rounding_seed is given);\n"
       "beta_k == 0 does not read t_k. Writes sum(z_k^2) to the float32[K] at norms_ptr. Row vectors:\n"
-      "contiguous float32.");
+      "contiguous float32. offsets[k]: element i of t_k draws stream index offsets[k] + i (default 0).");
   m.def(
       "stochastic_round_cpu",
       [](const Ptrs& dst_ptrs, const Ptrs& src_ptrs, const Ints& numels, const std::vector<int>& dtypes,
@@ -447,7 +463,7 @@ void bind_seeded_ops_cpu(py::module_& m) {
         for (size_t k = 0; k < K; ++k) {
           const auto at = [k]() { return "[" + std::to_string(k) + "]"; };
           if (numels[k] < 0) require(false, "numels" + at() + ": negative");
-          if (offsets[k] < 0) require(false, "offsets" + at() + ": negative");
+          if (offsets[k] < 0 || offsets[k] > (int64_t(1) << 62) - numels[k]) require(false, "offsets" + at() + ": out of range");
           if (dtypes[k] != kFloat32 && dtypes[k] != kBFloat16 && dtypes[k] != kFloat16)
             require(false, "dtypes" + at() + ": unknown dtype code " + std::to_string(dtypes[k]));
           if (numels[k] != 0 && (dst_ptrs[k] == 0 || src_ptrs[k] == 0)) require(false, "dst_ptrs, src_ptrs" + at() + ": null");
@@ -465,9 +481,10 @@ void bind_seeded_ops_cpu(py::module_& m) {
   m.def(
       "seeded_colsum_cpu",
       [](const Ints& numels, const Ints& ncols, uint64_t seed, const Ints& streams, const Ptrs& out_ptrs,
-         int num_threads) {
+         int num_threads, std::optional<Ints> offsets) {
         const size_t K = numels.size();
         require_len(ncols, K, "ncols");
+        if (offsets) require_len(*offsets, K, "offsets");
         require_len(streams, K, "streams");
         require_len(out_ptrs, K, "out_ptrs");
         for (size_t k = 0; k < K; ++k) {
@@ -477,16 +494,18 @@ void bind_seeded_ops_cpu(py::module_& m) {
           require(ncols[k] == 0 ? numels[k] == 0 : numels[k] % ncols[k] == 0,
                   "ncols" + at + ": must divide numels" + at);
           require(ncols[k] == 0 || out_ptrs[k] != 0, "out_ptrs" + at + ": null");
+          if (offsets)
+            require((*offsets)[k] >= 0 && (*offsets)[k] <= (int64_t(1) << 62) - numels[k], "offsets" + at + ": out of range");
         }
         py::gil_scoped_release nogil;
         for (size_t k = 0; k < K; ++k)
-          cpu::seeded_colsum(cpu::make_key(seed, static_cast<uint32_t>(streams[k])), numels[k], ncols[k],
-                             reinterpret_cast<float*>(out_ptrs[k]), num_threads);
+          cpu::seeded_colsum(cpu::make_key(seed, static_cast<uint32_t>(streams[k])), offsets ? (*offsets)[k] : 0,
+                             numels[k], ncols[k], reinterpret_cast<float*>(out_ptrs[k]), num_threads);
       },
       py::arg("numels"), py::arg("ncols"), py::arg("seed"), py::arg("streams"), py::arg("out_ptrs"),
-      py::arg("num_threads"),
-      "Column sums of z_k (stream (seed, streams[k])) viewed as (numels_k / ncols_k) x ncols_k,\n"
-      "written to the float32[ncols_k] at out_ptrs[k].");
+      py::arg("num_threads"), py::arg("offsets") = py::none(),
+      "Column sums of z_k (stream (seed, streams[k]), element i at stream index offsets[k] + i) viewed as\n"
+      "(numels_k / ncols_k) x ncols_k, written to the float32[ncols_k] at out_ptrs[k].");
   m.def(
       "cpu_isas", []() {
         std::vector<std::string> names;

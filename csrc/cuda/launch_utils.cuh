@@ -83,13 +83,14 @@ __device__ __forceinline__ int64_t record_begin(const AxpbyRecord* r) { return _
 __device__ __forceinline__ int64_t record_begin(const ColsumRecord* r) { return __ldg(&r->item_begin); }
 __device__ __forceinline__ int64_t record_begin(const RoundRecord* r) { return __ldg(&r->chunk_begin); }
 
-// A 64-byte record in four 16-byte loads (every thread loads the same address: one broadcast).
+// A record in 16-byte loads (every thread loads the same address: one broadcast).
 template <class R>
 __device__ __forceinline__ R load_record(const R* p) {
-  static_assert(sizeof(R) == 64, "records are 64 bytes");
-  uint4 w[4];
+  static_assert(sizeof(R) % 16 == 0, "records are whole 16-byte words");
+  constexpr int kWords = static_cast<int>(sizeof(R) / 16);
+  uint4 w[kWords];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  for (int i = 0; i < kWords; ++i) w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
   R r;
   memcpy(&r, w, sizeof(R));
   return r;

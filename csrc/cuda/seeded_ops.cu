@@ -7,7 +7,9 @@
 //
 // with z_k the lorenza-philox-v1 stream (seed, streams[k]) and SR driven by the rounding stream
 // (docs/rng.md, "The rounding stream"; seeded_axpby_ rounds stochastically when given a rounding
-// seed). The rounding itself is integer arithmetic shared with the CPU (common/stochastic_round.h).
+// seed). Element i of tensor k is stream index offset_k + i (a shard of a larger tensor; offset 0
+// by default): an offset that is a multiple of 4 keeps every unit on whole Philox blocks, another
+// one costs a second Philox call per four elements. The rounding itself is integer arithmetic shared with the CPU (common/stochastic_round.h).
 //
 // Work split. seeded_axpby_ cuts each tensor into chunks of kChunkUnits 16-byte units (seeded_ops.h);
 // a persistent grid strides over the chunks of all tensors, and each CTA finds the tensor of its
@@ -32,17 +34,73 @@ namespace lorenza {
 namespace gpu {
 namespace {
 
+// --- noise at any flat index ----------------------------------------------------------------
+
+// z at flat indices s .. s+3 when s is not a multiple of 4: the tail of block s >> 2 and the head
+// of the next. The window is shifted by two conditional stages, so no register array is indexed
+// at run time (which would spill it to local memory).
+__device__ __forceinline__ void gaussian4_at(uint64_t s, uint32_t stream, const PhiloxKeys& ks, float z[4]) {
+  if ((s & 3u) == 0) {
+    gaussian4(s >> 2, stream, ks, z);
+    return;
+  }
+  float w[8];
+  gaussian4(s >> 2, stream, ks, w);
+  gaussian4((s >> 2) + 1, stream, ks, w + 4);
+  const bool odd = s & 1u, two = s & 2u;
+  float v[6];
+#pragma unroll
+  for (int q = 0; q < 6; ++q) v[q] = odd ? w[q + 1] : w[q];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) z[q] = two ? v[q + 2] : v[q];
+}
+
+// The rounding words of flat indices s .. s+3 when s is not a multiple of 4 (as gaussian4_at).
+__device__ __forceinline__ void rounding4_at(uint64_t s, uint32_t stream, const PhiloxKeys& rks, uint32_t x[4]) {
+  uint32_t w[8];
+  rounding4(s >> 2, stream, rks, w);
+  rounding4((s >> 2) + 1, stream, rks, w + 4);
+  const bool odd = s & 1u, two = s & 2u;
+  uint32_t v[6];
+#pragma unroll
+  for (int q = 0; q < 6; ++q) v[q] = odd ? w[q + 1] : w[q];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) x[q] = two ? v[q + 2] : v[q];
+}
+
+// The normals (rounding words) of flat indices s .. s+3: one Philox call when s is a multiple of 4
+// (kBlock: a tensor at offset 0, or a shard whose offset is), two otherwise. The choice is per
+// tensor, made once per chunk by the callers' dispatch, so each variant is compiled separately.
+template <bool kBlock>
+__device__ __forceinline__ void noise4(uint64_t s, uint32_t stream, const PhiloxKeys& ks, float z[4]) {
+  if constexpr (kBlock) {
+    gaussian4(s >> 2, stream, ks, z);
+  } else {
+    gaussian4_at(s, stream, ks, z);
+  }
+}
+
+template <bool kBlock>
+__device__ __forceinline__ void words4(uint64_t s, uint32_t stream, const PhiloxKeys& rks, uint32_t x[4]) {
+  if constexpr (kBlock) {
+    rounding4(s >> 2, stream, rks, x);
+  } else {
+    rounding4_at(s, stream, rks, x);
+  }
+}
+
 // --- stochastic rounding of one unit ----------------------------------------------------------
 
-// y[j] <- SR(y[j]) for the E elements of a unit starting at flat index i0 (a multiple of 4), with
-// the rounding stream (rks, stream): E / 4 Philox calls. The results are exact in DT, so pack<DT>'s
-// round-to-nearest conversion stores them unchanged. float32 units are left alone.
-template <int DT, int E>
-__device__ __forceinline__ void round_unit(float (&y)[E], int64_t i0, uint32_t stream, const PhiloxKeys& rks) {
+// y[j] <- SR(y[j]) for the E elements of a unit starting at stream index g0 (offset + a multiple of
+// 4), with the rounding stream (rks, stream): E / 4 Philox calls (twice that when the offset is not
+// a multiple of 4). The results are exact in DT, so pack<DT>'s round-to-nearest conversion stores
+// them unchanged. float32 units are left alone.
+template <int DT, int E, bool kBlock>
+__device__ __forceinline__ void round_unit(float (&y)[E], int64_t g0, uint32_t stream, const PhiloxKeys& rks) {
   if constexpr (DT != kFloat32) {
     uint32_t w[E];
 #pragma unroll
-    for (int q = 0; q < E / 4; ++q) rounding4(static_cast<uint64_t>(i0 >> 2) + q, stream, rks, w + 4 * q);
+    for (int q = 0; q < E / 4; ++q) words4<kBlock>(static_cast<uint64_t>(g0) + 4 * q, stream, rks, w + 4 * q);
 #pragma unroll
     for (int j = 0; j < E; ++j) {
       const uint32_t b = __float_as_uint(y[j]);
@@ -54,7 +112,7 @@ __device__ __forceinline__ void round_unit(float (&y)[E], int64_t i0, uint32_t s
 // --- seeded_axpby_ -----------------------------------------------------------------------------
 
 // One chunk of one tensor; returns this thread's sum of z^2 over its units (fixed order).
-template <int DT, bool kAligned16, bool kRows, bool kRound>
+template <int DT, bool kAligned16, bool kRows, bool kRound, bool kBlock>
 __device__ __forceinline__ float axpby_chunk(const AxpbyRecord& rec, int64_t chunk, const PhiloxKeys& ks,
                                              const PhiloxKeys& rks) {
   constexpr int E = DTypeTraits<DT>::kUnitElems;
@@ -81,9 +139,10 @@ __device__ __forceinline__ float axpby_chunk(const AxpbyRecord& rec, int64_t chu
     // Issue the load first: the Philox rounds below do not depend on it and hide its latency.
     uint4 raw = make_uint4(0u, 0u, 0u, 0u);
     if (read_t) raw = full ? load_unit<kAligned16>(p, align) : load_partial<DT>(p, nv);
+    const int64_t g0 = rec.offset + i0;  // the stream index of this unit's first element
     float z[E];
 #pragma unroll
-    for (int q = 0; q < E / 4; ++q) gaussian4(static_cast<uint64_t>(i0 >> 2) + q, rec.stream, ks, z + 4 * q);
+    for (int q = 0; q < E / 4; ++q) noise4<kBlock>(static_cast<uint64_t>(g0) + 4 * q, rec.stream, ks, z + 4 * q);
     float y[E];
     unpack<DT>(raw, y);
 #pragma unroll
@@ -98,7 +157,7 @@ __device__ __forceinline__ float axpby_chunk(const AxpbyRecord& rec, int64_t chu
       col += col_step;
       if (col >= rec.ncols) col -= rec.ncols;
     }
-    if (kRound) round_unit<DT, E>(y, i0, rec.stream, rks);
+    if (kRound) round_unit<DT, E, kBlock>(y, g0, rec.stream, rks);
     const uint4 out = pack<DT>(y);
     if (full) {
 #pragma unroll
@@ -113,12 +172,14 @@ __device__ __forceinline__ float axpby_chunk(const AxpbyRecord& rec, int64_t chu
   return acc;
 }
 
-// Tensors whose base is 16-byte aligned (all caching-allocator tensors) take the 128-bit path.
+// Tensors whose base is 16-byte aligned (all caching-allocator tensors) take the 128-bit path; an
+// element offset that is not a multiple of 4 (a shard starting inside a Philox block) the two-call one.
 template <int DT, bool kRows, bool kRound>
 __device__ __forceinline__ float axpby_by_alignment(const AxpbyRecord& rec, int64_t chunk, const PhiloxKeys& ks,
                                                     const PhiloxKeys& rks) {
-  if ((rec.data & 15u) == 0) return axpby_chunk<DT, true, kRows, kRound>(rec, chunk, ks, rks);
-  return axpby_chunk<DT, false, kRows, kRound>(rec, chunk, ks, rks);
+  if ((rec.offset & 3) != 0) return axpby_chunk<DT, false, kRows, kRound, false>(rec, chunk, ks, rks);
+  if ((rec.data & 15u) == 0) return axpby_chunk<DT, true, kRows, kRound, true>(rec, chunk, ks, rks);
+  return axpby_chunk<DT, false, kRows, kRound, true>(rec, chunk, ks, rks);
 }
 
 // The dtype is uniform over a chunk, so the switch never diverges inside a warp. float32 is never
@@ -170,7 +231,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // One chunk of one (dst, src) pair: each thread rounds whole 16-byte units of dst, reading the
 // matching 16 or 32 bytes of float32 src. kAligned16: both bases are 16-byte aligned.
-template <int DT, bool kAligned16>
+template <int DT, bool kAligned16, bool kBlock>
 __device__ __forceinline__ void round_chunk(const RoundRecord& rec, int64_t chunk, const PhiloxKeys& rks) {
   constexpr int E = DTypeTraits<DT>::kUnitElems;
   const int64_t numel = rec.numel;
@@ -196,7 +257,7 @@ __device__ __forceinline__ void round_chunk(const RoundRecord& rec, int64_t chun
       }
       unpack<kFloat32>(raw, y + 4 * h);
     }
-    round_unit<DT, E>(y, i0, rec.stream, rks);
+    round_unit<DT, E, kBlock>(y, rec.offset + i0, rec.stream, rks);
     const uint4 out = pack<DT>(y);
     char* const q = dst + u * kUnitBytes;
     if (full) {
@@ -209,10 +270,12 @@ __device__ __forceinline__ void round_chunk(const RoundRecord& rec, int64_t chun
 
 template <int DT>
 __device__ __forceinline__ void round_by_alignment(const RoundRecord& rec, int64_t chunk, const PhiloxKeys& rks) {
-  if (((rec.dst | rec.src) & 15u) == 0) {
-    round_chunk<DT, true>(rec, chunk, rks);
+  if ((rec.offset & 3) != 0) {
+    round_chunk<DT, false, false>(rec, chunk, rks);
+  } else if (((rec.dst | rec.src) & 15u) == 0) {
+    round_chunk<DT, true, true>(rec, chunk, rks);
   } else {
-    round_chunk<DT, false>(rec, chunk, rks);
+    round_chunk<DT, false, true>(rec, chunk, rks);
   }
 }
 
@@ -239,25 +302,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // --- seeded_colsum -----------------------------------------------------------------------------
 
-// z at flat indices s .. s+3 when s is not a multiple of 4: the tail of block s >> 2 and the head
-// of the next. The window is shifted by two conditional stages, so no register array is indexed
-// at run time (which would spill it to local memory).
-__device__ __forceinline__ void gaussian4_at(uint64_t s, uint32_t stream, const PhiloxKeys& ks, float z[4]) {
-  if ((s & 3u) == 0) {
-    gaussian4(s >> 2, stream, ks, z);
-    return;
-  }
-  float w[8];
-  gaussian4(s >> 2, stream, ks, w);
-  gaussian4((s >> 2) + 1, stream, ks, w + 4);
-  const bool odd = s & 1u, two = s & 2u;
-  float v[6];
-#pragma unroll
-  for (int q = 0; q < 6; ++q) v[q] = odd ? w[q + 1] : w[q];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) z[q] = two ? v[q + 2] : v[q];
-}
-
 __global__ void __launch_bounds__(kThreads)
     seeded_colsum_kernel(const ColsumRecord* __restrict__ recs, int num_tensors, int64_t num_items,
                          const __grid_constant__ PhiloxKeys ks, float* __restrict__ workspace) {
@@ -277,7 +321,7 @@ __global__ void __launch_bounds__(kThreads)
     if (j0 < rec.n) {
       for (int64_t i = slab * rec.rows_per_slab + tr; i < r_end; i += tr_count) {
         float z[4];
-        gaussian4_at(static_cast<uint64_t>(i * rec.n + j0), rec.stream, ks, z);
+        gaussian4_at(static_cast<uint64_t>(rec.offset + i * rec.n + j0), rec.stream, ks, z);
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[q] += z[q];
       }

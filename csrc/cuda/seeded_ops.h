@@ -16,7 +16,8 @@ namespace gpu {
 constexpr int kThreads = 256;
 
 // seeded_axpby_: the unit of work is 16 bytes of one tensor (4 fp32 or 8 bf16/fp16 elements, i.e.
-// 1 or 2 whole Philox blocks), starting at element 0 of the tensor. A chunk is kChunkUnits
+// 1 or 2 whole Philox blocks when the tensor's element offset is a multiple of 4, else straddling
+// blocks), starting at element 0 of the tensor. A chunk is kChunkUnits
 // consecutive units of one tensor (32 KiB; the last chunk of a tensor may be short). Each CTA
 // writes one float64 partial sum of z^2 per chunk, so the norms do not depend on the grid size.
 constexpr int kUnitBytes = 16;
@@ -33,8 +34,10 @@ struct AxpbyRecord {
   uint32_t stream;       // streams[k]: any stream per tensor
   int32_t dtype;         // DType code (common/dtype.h)
   int32_t read_t;        // 1 when beta_k != 0 (decided in float64): t_k is read
+  int64_t offset;        // offsets[k]: element i draws stream index offset + i (noise and rounding)
+  int64_t reserved;      //
 };
-static_assert(sizeof(AxpbyRecord) == 64, "AxpbyRecord must stay 64 bytes");
+static_assert(sizeof(AxpbyRecord) == 80, "AxpbyRecord must stay 80 bytes");
 
 // seeded_colsum: tensor k is an m x n matrix cut into work items of TC groups of 4 columns x
 // rows_per_slab rows (TC = 1 << tc_log2, the TR = kThreads / TC thread rows of a CTA stride over
@@ -54,8 +57,10 @@ struct ColsumRecord {
   int64_t rows_per_slab; // a multiple of TR
   uint32_t stream;       //
   int32_t tc_log2;       //
+  int64_t offset;        // offsets[k]: element i of the m x n view is stream index offset + i
+  int64_t reserved;      //
 };
-static_assert(sizeof(ColsumRecord) == 64, "ColsumRecord must stay 64 bytes");
+static_assert(sizeof(ColsumRecord) == 80, "ColsumRecord must stay 80 bytes");
 
 // stochastic_round_: units of 16 bytes of dst (4 fp32 or 8 bf16/fp16 elements, whole Philox blocks
 // of the rounding stream) in chunks of kChunkUnits, as seeded_axpby_; src is float32 (16 or 32 bytes
@@ -67,7 +72,8 @@ struct RoundRecord {
   int64_t chunk_begin;   // index of this tensor's first chunk in the launch (prefix sum)
   uint32_t stream;       // streams[k] of the rounding stream
   int32_t dtype;         // DType code of dst
-  uint32_t reserved[6];  //
+  int64_t offset;        // offsets[k]: element i takes the rounding word offset + i
+  uint32_t reserved[4];  //
 };
 static_assert(sizeof(RoundRecord) == 64, "RoundRecord must stay 64 bytes");
 

@@ -26,7 +26,7 @@ const FieldDesc kAxpbyFields[] = {
     LORENZA_FIELD(AxpbyRecord, chunk_begin, "<i8"), LORENZA_FIELD(AxpbyRecord, alpha, "<f4"),
     LORENZA_FIELD(AxpbyRecord, beta, "<f4"),        LORENZA_FIELD(AxpbyRecord, gamma, "<f4"),
     LORENZA_FIELD(AxpbyRecord, stream, "<u4"),      LORENZA_FIELD(AxpbyRecord, dtype, "<i4"),
-    LORENZA_FIELD(AxpbyRecord, read_t, "<i4"),
+    LORENZA_FIELD(AxpbyRecord, read_t, "<i4"),      LORENZA_FIELD(AxpbyRecord, offset, "<i8"),
 };
 
 const FieldDesc kColsumFields[] = {
@@ -34,13 +34,14 @@ const FieldDesc kColsumFields[] = {
     LORENZA_FIELD(ColsumRecord, n, "<i8"),             LORENZA_FIELD(ColsumRecord, item_begin, "<i8"),
     LORENZA_FIELD(ColsumRecord, ws_begin, "<i8"),      LORENZA_FIELD(ColsumRecord, col_tiles, "<i8"),
     LORENZA_FIELD(ColsumRecord, rows_per_slab, "<i8"), LORENZA_FIELD(ColsumRecord, stream, "<u4"),
-    LORENZA_FIELD(ColsumRecord, tc_log2, "<i4"),
+    LORENZA_FIELD(ColsumRecord, tc_log2, "<i4"),       LORENZA_FIELD(ColsumRecord, offset, "<i8"),
 };
 
 const FieldDesc kRoundFields[] = {
     LORENZA_FIELD(RoundRecord, dst, "<u8"),         LORENZA_FIELD(RoundRecord, src, "<u8"),
     LORENZA_FIELD(RoundRecord, numel, "<i8"),       LORENZA_FIELD(RoundRecord, chunk_begin, "<i8"),
     LORENZA_FIELD(RoundRecord, stream, "<u4"),      LORENZA_FIELD(RoundRecord, dtype, "<i4"),
+    LORENZA_FIELD(RoundRecord, offset, "<i8"),
 };
 
 #undef LORENZA_FIELD

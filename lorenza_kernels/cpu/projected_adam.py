@@ -108,8 +108,9 @@ def _write_back(w: torch.Tensor, w32: torch.Tensor, offset: int, rounding: tuple
         w.copy_(stochastic_round_range(w32, offset, rounding[0], rounding[1], w.dtype).view(w.shape))
 
 
-def _lift_(W, G, Q, X, side: str, a: float, b: float, rounding: tuple[int, int] | None = None) -> None:
-    """W <- a W + b G + lift(X), block of rows by block of rows (W, G are m x n views)."""
+def _lift_(W, G, Q, X, side: str, a: float, b: float, rounding: tuple[int, int] | None = None, offset: int = 0) -> None:
+    """W <- a W + b G + lift(X), block of rows by block of rows (W, G are m x n views); with
+    ``rounding``, element ``i`` of W takes the rounding word ``offset + i``."""
     m, n = W.shape
     if a == 0.0:  # lr wd == 1: the decay erases W; keep the (b/a) trick below well defined
         W.zero_()
@@ -126,13 +127,13 @@ def _lift_(W, G, Q, X, side: str, a: float, b: float, rounding: tuple[int, int] 
         else:
             w32.addmm_(X[s : s + step], Q.t(), beta=a)
         if w32 is not w:
-            _write_back(w, w32, s * n, rounding)
+            _write_back(w, w32, offset + s * n, rounding)
 
 
 @register("projected_adam_step_", "cpu", "cpu")
 def projected_adam_step_(
     params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
-    residual_scale, rounding_seed=None, rounding_streams=None,
+    residual_scale, rounding_seed=None, rounding_streams=None, rounding_offsets=None,
 ) -> None:  # fmt: skip
     for layer, (W, grad, proj, M, V, step) in enumerate(zip(params, grads, projs, exp_avgs, exp_avg_sqs, steps)):
         m, n = matrix_dims(W)
@@ -143,4 +144,5 @@ def projected_adam_step_(
         # X = c_n N' + lr rs R, so that a W + b G + lift(X) is the whole update with b = -lr rs.
         _adam_(R, M, V, beta1, beta2, eps, c_n, sqrt_bc2, lr * residual_scale)
         rounding = None if rounding_seed is None else (rounding_seed, rounding_streams[layer])
-        _lift_(W2, G2, Q, R, side, 1.0 - lr * weight_decay, -lr * residual_scale, rounding)
+        offset = rounding_offsets[layer] if rounding_offsets is not None else 0
+        _lift_(W2, G2, Q, R, side, 1.0 - lr * weight_decay, -lr * residual_scale, rounding, offset)

@@ -28,11 +28,13 @@ def seeded_axpby_(
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
     rounding_seed: int | None = None,
+    offsets: list[int] | None = None,
 ) -> torch.Tensor:
     """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k 1 a_k^T]`` in place; returns ``sum(z_k^2)``.
 
     With ``rounding_seed``, 16-bit tensors are rounded stochastically (the kernel draws one more
-    Philox block per four of their elements, from the rounding stream)."""
+    Philox block per four of their elements, from the rounding stream). ``offsets``: element ``i``
+    of ``t_k`` draws stream index ``offsets[k] + i`` (any offset, no alignment needed)."""
     k = len(tensors)
     norms = torch.empty(k, dtype=torch.float32)
     if k == 0:
@@ -59,14 +61,18 @@ def seeded_axpby_(
         norms.data_ptr(),
         torch.get_num_threads(),
         None if rounding_seed is None else seed_from_int64(rounding_seed),
+        offsets,
     )
     del rows  # alive until the kernel has returned
     return norms
 
 
 @register("seeded_colsum", "cpu", "cpu")
-def seeded_colsum(tensors: list[torch.Tensor], seed: int, streams: list[int]) -> list[torch.Tensor]:
-    """Column sums of ``z_k`` viewed as ``m x n`` (float32, length n); tensor data is not read."""
+def seeded_colsum(
+    tensors: list[torch.Tensor], seed: int, streams: list[int], offsets: list[int] | None = None
+) -> list[torch.Tensor]:
+    """Column sums of ``z_k`` viewed as ``m x n`` (float32, length n); tensor data is not read.
+    ``offsets``: element ``i`` of tensor ``k`` is stream index ``offsets[k] + i``."""
     dims = [matrix_dims(t) for t in tensors]  # shapes only: any dtype, any layout
     outs = [torch.empty(n, dtype=torch.float32) for _, n in dims]
     if tensors:
@@ -77,6 +83,7 @@ def seeded_colsum(tensors: list[torch.Tensor], seed: int, streams: list[int]) ->
             streams,
             [o.data_ptr() for o in outs],
             torch.get_num_threads(),
+            offsets,
         )
     return outs
 
@@ -102,6 +109,9 @@ def stochastic_round_at(dst: list[torch.Tensor], src: list[torch.Tensor], offset
 
 
 @register("stochastic_round_", "cpu", "cpu")
-def stochastic_round_(dst: list[torch.Tensor], src: list[torch.Tensor], seed: int, streams: list[int]) -> None:
-    """``dst_k <- SR(src_k)`` (docs/rng.md, "The rounding stream"); a copy for a float32 ``dst_k``."""
-    stochastic_round_at(dst, src, [0] * len(dst), seed, streams)
+def stochastic_round_(
+    dst: list[torch.Tensor], src: list[torch.Tensor], seed: int, streams: list[int], offsets: list[int] | None = None
+) -> None:
+    """``dst_k <- SR(src_k)`` (docs/rng.md, "The rounding stream"); a copy for a float32 ``dst_k``;
+    element ``i`` of ``dst_k`` takes the rounding word ``offsets[k] + i`` (default ``i``)."""
+    stochastic_round_at(dst, src, offsets if offsets is not None else [0] * len(dst), seed, streams)

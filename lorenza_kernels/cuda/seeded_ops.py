@@ -86,6 +86,7 @@ def axpby_table(
     streams: Sequence[int],
     rows: Sequence[torch.Tensor] | None = None,
     gamma: Sequence[float] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, int]:
     """The ``AxpbyRecord`` table and the number of chunks (the unit and chunk sizes of the kernel)."""
     lay = layout()
@@ -110,11 +111,16 @@ def axpby_table(
             rec["row"] = np.where(gamma64 != 0.0, np.array([a.data_ptr() for a in rows], dtype=np.uint64), 0)
     rec["stream"] = np.asarray(streams, dtype=np.int64).astype(np.uint32)
     rec["dtype"] = [_dtypes.CODES[t.dtype] for t in tensors]
+    if offsets is not None:
+        rec["offset"] = offsets
     return rec, int(chunks.sum())
 
 
 def round_table(
-    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], streams: Sequence[int]
+    dst: Sequence[torch.Tensor],
+    src: Sequence[torch.Tensor],
+    streams: Sequence[int],
+    offsets: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, int]:
     """The ``RoundRecord`` table and the number of chunks (16-byte units of dst, as ``axpby_table``)."""
     lay = layout()
@@ -130,11 +136,16 @@ def round_table(
     rec["numel"], rec["chunk_begin"] = numel, np.cumsum(chunks) - chunks
     rec["stream"] = np.asarray(streams, dtype=np.int64).astype(np.uint32)
     rec["dtype"] = [_dtypes.CODES[t.dtype] for t in dst]
+    if offsets is not None:
+        rec["offset"] = offsets
     return rec, int(chunks.sum())
 
 
 def colsum_table(
-    tensors: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], streams: Sequence[int]
+    tensors: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor],
+    streams: Sequence[int],
+    offsets: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, int, int]:
     """The ``ColsumRecord`` table, the number of work items and the workspace size (floats).
 
@@ -164,6 +175,8 @@ def colsum_table(
     rec["ws_begin"] = np.where(slabs > 1, np.cumsum(ws) - ws, -1)
     rec["col_tiles"], rec["rows_per_slab"], rec["tc_log2"] = col_tiles, rows_per_slab, tc_log2
     rec["stream"] = np.asarray(streams, dtype=np.int64).astype(np.uint32)
+    if offsets is not None:
+        rec["offset"] = offsets
     return rec, int(items.sum()), int(ws.sum())
 
 
@@ -188,13 +201,15 @@ def seeded_axpby_(
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
     rounding_seed: int | None = None,
+    offsets: list[int] | None = None,
 ) -> torch.Tensor:
     """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k a_k[i % n_k]]`` in place; returns ``sum(z_k^2)``.
-    With ``rounding_seed``, 16-bit tensors are rounded stochastically."""
+    With ``rounding_seed``, 16-bit tensors are rounded stochastically; element ``i`` of ``t_k`` is
+    stream index ``offsets[k] + i``."""
     device = tensors[0].device  # the CUDA key: CUDA tensors (an empty list never reaches it)
     rows = _float_rows(row_vectors) if row_vectors is not None else None
     with torch.cuda.device(device):
-        rec, num_chunks = axpby_table(tensors, alpha, beta, streams, rows, gamma)
+        rec, num_chunks = axpby_table(tensors, alpha, beta, streams, rows, gamma, offsets)
         table = _upload(rec, device)
         partials = torch.empty(num_chunks, dtype=torch.float64, device=device)
         norms = torch.empty(len(tensors), dtype=torch.float32, device=device)
@@ -215,11 +230,13 @@ def seeded_axpby_(
 
 
 @register("stochastic_round_", "cuda", "cuda")
-def stochastic_round_(dst: list[torch.Tensor], src: list[torch.Tensor], seed: int, streams: list[int]) -> None:
+def stochastic_round_(
+    dst: list[torch.Tensor], src: list[torch.Tensor], seed: int, streams: list[int], offsets: list[int] | None = None
+) -> None:
     """``dst_k <- SR(src_k)`` for the whole list in one launch (docs/rng.md, "The rounding stream")."""
     device = dst[0].device
     with torch.cuda.device(device):
-        rec, num_chunks = round_table(dst, src, streams)
+        rec, num_chunks = round_table(dst, src, streams, offsets)
         if num_chunks == 0:
             return
         table = _upload(rec, device)
@@ -234,12 +251,14 @@ def stochastic_round_(dst: list[torch.Tensor], src: list[torch.Tensor], seed: in
 
 
 @register("seeded_colsum", "cuda", "cuda")
-def seeded_colsum(tensors: list[torch.Tensor], seed: int, streams: list[int]) -> list[torch.Tensor]:
+def seeded_colsum(
+    tensors: list[torch.Tensor], seed: int, streams: list[int], offsets: list[int] | None = None
+) -> list[torch.Tensor]:
     """Column sums (float32, length n_k) of ``z_k`` viewed as ``m_k x n_k``; reads no tensor data."""
     device = tensors[0].device
     with torch.cuda.device(device):
         outs = [torch.empty(matrix_dims(t)[1], dtype=torch.float32, device=device) for t in tensors]
-        rec, num_items, ws_floats = colsum_table(tensors, outs, streams)
+        rec, num_items, ws_floats = colsum_table(tensors, outs, streams, offsets)
         table = _upload(rec, device)
         workspace = torch.empty(ws_floats, dtype=torch.float32, device=device)
         _ext._C.seeded_colsum_cuda(

@@ -15,8 +15,9 @@ and Q the basis (orthonormal columns, assumed and never checked),
 All arithmetic is float32 whatever the storage dtypes; W and the moments are rounded once to their
 own dtypes at the end: to nearest even, except that with a rounding seed a bfloat16/float16 W is
 rounded stochastically, element ``i`` of its ``m x n`` view with the rounding word ``i`` of the
-stream ``(rounding_seed, rounding_streams[layer])`` (``docs/rng.md``, "The rounding stream"); the
-moments always round to nearest. This is the plain unfused form GaLore uses
+stream ``(rounding_seed, rounding_streams[layer])`` (``docs/rng.md``, "The rounding stream"), or
+the word ``rounding_offsets[layer] + i`` when W is the part of a larger matrix that starts at that
+element (a row shard); the moments always round to nearest. This is the plain unfused form GaLore uses
 (https://github.com/jiaweizzhao/GaLore, ``galore_torch/adamw.py`` + ``galore_projector.py``): it
 materialises R, N, the m x n lifted update and, with a residual, G - lift(R). Two deliberate
 differences from GaLore's AdamW: eps is added after the bias-corrected square root and weight
@@ -76,6 +77,7 @@ def projected_adam_step_(
     residual_scale: float,
     rounding_seed: int | None = None,
     rounding_streams: list[int] | None = None,
+    rounding_offsets: list[int] | None = None,
 ) -> None:
     for layer, (W, grad, proj, M, V, step) in enumerate(zip(params, grads, projs, exp_avgs, exp_avg_sqs, steps)):
         m, n = matrix_dims(W)
@@ -93,7 +95,8 @@ def projected_adam_step_(
         if residual_scale != 0.0:
             W32.add_(G - _lift(Q, R, side), alpha=-lr * residual_scale)
         if rounding_seed is not None and rounding_streams is not None and W.dtype != torch.float32:
-            W32 = stochastic_round_range(W32, 0, rounding_seed, rounding_streams[layer], W.dtype)
+            start = rounding_offsets[layer] if rounding_offsets is not None else 0
+            W32 = stochastic_round_range(W32, start, rounding_seed, rounding_streams[layer], W.dtype)
         W.copy_(W32.view(W.shape))
         M.copy_(M32)
         V.copy_(V32)

@@ -16,6 +16,11 @@ float32, without touching the tensors.
 
 ``stochastic_round_``: ``dst_k <- SR(src_k)``, the float32 ``src_k`` rounded stochastically to
 ``dst_k``'s dtype with the rounding stream ``(seed, streams[k])`` (a copy for a float32 ``dst_k``).
+
+``offsets`` (every op, default zeros): element ``i`` of tensor ``k`` takes the noise and the rounding
+word of index ``offsets[k] + i`` of its streams, as if it were the part of a larger tensor that starts
+at that element (a shard of a sharded parameter). The row-vector term and the column sums follow
+the tensor's own ``m x n`` view.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def seeded_axpby_(
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
     rounding_seed: int | None = None,
+    offsets: list[int] | None = None,
 ) -> torch.Tensor:
     device = _device(tensors)
     norms = torch.zeros(len(tensors), dtype=torch.float64, device=device)
@@ -48,9 +54,10 @@ def seeded_axpby_(
         flat = t.view(-1)
         n_cols = matrix_dims(t)[1]
         row = row_vectors[k].to(torch.float32) if row_vectors is not None else None
+        o = offsets[k] if offsets is not None else 0
         for s in range(0, flat.numel(), CHUNK):
             e = min(s + CHUNK, flat.numel())
-            z = gaussian_range(s, e, seed, streams[k], device=device)
+            z = gaussian_range(o + s, o + e, seed, streams[k], device=device)
             norms[k] += z.double().square().sum()
             new = z * alpha[k]
             if beta[k] != 0.0:
@@ -59,31 +66,38 @@ def seeded_axpby_(
                 cols = torch.arange(s, e, device=device) % n_cols
                 new = new + row[cols] * gamma[k]
             if rounding_seed is not None and t.dtype != torch.float32:
-                new = stochastic_round(new, rounding_words(s, e, rounding_seed, streams[k], device=device), t.dtype)
+                words = rounding_words(o + s, o + e, rounding_seed, streams[k], device=device)
+                new = stochastic_round(new, words, t.dtype)
             flat[s:e].copy_(new)
     return norms.float()
 
 
 @register("seeded_colsum", "reference", "any")
-def seeded_colsum(tensors: list[torch.Tensor], seed: int, streams: list[int]) -> list[torch.Tensor]:
+def seeded_colsum(
+    tensors: list[torch.Tensor], seed: int, streams: list[int], offsets: list[int] | None = None
+) -> list[torch.Tensor]:
     device = _device(tensors)
     out = []
     for k, t in enumerate(tensors):
         n_cols = matrix_dims(t)[1]
+        o = offsets[k] if offsets is not None else 0
         acc = torch.zeros(n_cols, dtype=torch.float64, device=device)
         for s in range(0, t.numel(), CHUNK):
             e = min(s + CHUNK, t.numel())
-            z = gaussian_range(s, e, seed, streams[k], device=device)
+            z = gaussian_range(o + s, o + e, seed, streams[k], device=device)
             acc.index_add_(0, torch.arange(s, e, device=device) % n_cols, z.double())
         out.append(acc.float())
     return out
 
 
 @register("stochastic_round_", "reference", "any")
-def stochastic_round_(dst: list[torch.Tensor], src: list[torch.Tensor], seed: int, streams: list[int]) -> None:
-    for d, x, stream in zip(dst, src, streams):
+def stochastic_round_(
+    dst: list[torch.Tensor], src: list[torch.Tensor], seed: int, streams: list[int], offsets: list[int] | None = None
+) -> None:
+    for k, (d, x, stream) in enumerate(zip(dst, src, streams)):
         flat, values = d.view(-1), x.view(-1)
+        o = offsets[k] if offsets is not None else 0
         for s in range(0, flat.numel(), CHUNK):
             e = min(s + CHUNK, flat.numel())
-            words = rounding_words(s, e, seed, stream, device=d.device)
+            words = rounding_words(o + s, o + e, seed, stream, device=d.device)
             flat[s:e].copy_(stochastic_round(values[s:e], words, d.dtype))

@@ -31,18 +31,20 @@ K = tl.constexpr(1)
 RSEED = tl.constexpr(2)
 HDR = tl.constexpr(3)
 
-# seeded_axpby_ rows
+# seeded_axpby_ rows (A_OFFSET: the stream index of element 0, ``offsets=``)
 A_ADDR, A_NUMEL, A_NCOLS, A_DTYPE, A_ROWVEC = (tl.constexpr(i) for i in range(5))
 A_CHUNK0, A_ALPHA, A_BETA, A_GAMMA, A_STREAM = (tl.constexpr(i) for i in range(5, 10))
-A_W = tl.constexpr(10)
+A_OFFSET = tl.constexpr(10)
+A_W = tl.constexpr(11)
 
 # stochastic_round_ rows
-R_DST, R_SRC, R_NUMEL, R_DTYPE, R_CHUNK0, R_STREAM = (tl.constexpr(i) for i in range(6))
-R_W = tl.constexpr(6)
+R_DST, R_SRC, R_NUMEL, R_DTYPE, R_CHUNK0, R_STREAM, R_OFFSET = (tl.constexpr(i) for i in range(7))
+R_W = tl.constexpr(7)
 
 # seeded_colsum rows
 C_OUT, C_M, C_NCOLS, C_CT, C_RPI, C_PBASE, C_ITEM0, C_FITEM0, C_STREAM = (tl.constexpr(i) for i in range(9))
-C_W = tl.constexpr(9)
+C_OFFSET = tl.constexpr(9)
+C_W = tl.constexpr(10)
 
 
 @dataclass
@@ -75,7 +77,9 @@ def _upload(header: list[int], rows: np.ndarray, device: torch.device) -> torch.
     return host.to(device)
 
 
-def axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, chunk: int, rounding_seed=None) -> Plan:
+def axpby_plan(
+    tensors, seed, streams, alpha, beta, row_vectors, gamma, chunk: int, rounding_seed=None, offsets=None
+) -> Plan:
     """The work table of one ``seeded_axpby_`` launch (arguments already validated by the op)."""
     n = len(tensors)
     device = _device(tensors)
@@ -96,6 +100,8 @@ def axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, chunk: i
     rows[:n, A_ALPHA.value] = _float_bits(alpha)
     rows[:n, A_BETA.value] = _float_bits(beta)
     rows[:n, A_STREAM.value] = streams
+    if offsets is not None:
+        rows[:n, A_OFFSET.value] = offsets
     plan.work = int(chunks.sum())
     live = [t for t in tensors if t.numel()]
     plan.dtypes = frozenset(t.dtype for t in live)
@@ -106,7 +112,7 @@ def axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, chunk: i
     return plan
 
 
-def round_plan(dst, src, seed, streams, chunk: int) -> Plan:
+def round_plan(dst, src, seed, streams, chunk: int, offsets=None) -> Plan:
     """The work table of one ``stochastic_round_`` launch (arguments already validated by the op)."""
     n = len(dst)
     plan = Plan(device=_device(dst), keep=list(dst) + list(src))
@@ -119,6 +125,8 @@ def round_plan(dst, src, seed, streams, chunk: int) -> Plan:
     rows[:n, R_DTYPE.value] = [CODES[t.dtype] for t in dst]
     rows[1:, R_CHUNK0.value] = np.cumsum(chunks)
     rows[:n, R_STREAM.value] = streams
+    if offsets is not None:
+        rows[:n, R_OFFSET.value] = offsets
     plan.work = int(chunks.sum())
     live = [k for k, t in enumerate(dst) if t.numel()]
     plan.dtypes = frozenset(dst[k].dtype for k in live)
@@ -128,7 +136,7 @@ def round_plan(dst, src, seed, streams, chunk: int) -> Plan:
     return plan
 
 
-def colsum_plan(tensors, seed, streams, bn: int, rb: int, target: int, fbn: int) -> Plan:
+def colsum_plan(tensors, seed, streams, bn: int, rb: int, target: int, fbn: int, offsets=None) -> Plan:
     n_t = len(tensors)
     device = _device(tensors)
     plan = Plan(device=device)
@@ -144,7 +152,8 @@ def colsum_plan(tensors, seed, streams, bn: int, rb: int, target: int, fbn: int)
         ct = triton.cdiv(n, bn)
         rpi = max(rb, min(rpi_default, triton.cdiv(m, rb) * rb))
         groups = triton.cdiv(m, rpi)
-        rows[k] = (out.data_ptr(), m, n, max(ct, 1), rpi, pbase, item0, fitem0, streams[k])
+        off = offsets[k] if offsets is not None else 0
+        rows[k] = (out.data_ptr(), m, n, max(ct, 1), rpi, pbase, item0, fitem0, streams[k], off)
         item0 += groups * ct
         fitem0 += triton.cdiv(n, fbn)
         pbase += groups * n

@@ -142,12 +142,14 @@ def _lift_mma(q, x, acc, X_FIRST: tl.constexpr, SPLIT: tl.constexpr, LOW_DOT: tl
 @triton.jit
 def _tile_rounding_words(rnd_ptr, layer, offs_m, pid_n, N, BLOCK_N: tl.constexpr, ALIGN4: tl.constexpr):
     """The rounding words of the tile (rows ``offs_m``, columns tile ``pid_n``) of one layer's m x n
-    view: stream ``rnd[1 + layer]`` of seed ``rnd[0]``. ALIGN4 (n and BLOCK_N multiples of 4): every
-    tile row starts on a Philox block, four words per call interleaved into flat order."""
+    view: stream ``rnd[1 + 2 layer]`` of seed ``rnd[0]``, element ``i`` at index ``rnd[2 + 2 layer] + i``
+    (the layer's rounding offset). ALIGN4 (n, BLOCK_N and every offset multiples of 4): every tile
+    row starts on a Philox block, four words per call interleaved into flat order."""
     rseed = tl.load(rnd_ptr).to(tl.uint64, bitcast=True)
-    rstream = tl.load(rnd_ptr + 1 + layer).to(tl.uint32)
+    rstream = tl.load(rnd_ptr + 1 + 2 * layer).to(tl.uint32)
+    roff = tl.load(rnd_ptr + 2 + 2 * layer)
     if ALIGN4:
-        first = (offs_m.to(tl.int64) * N + pid_n * BLOCK_N) >> 2
+        first = (roff + offs_m.to(tl.int64) * N + pid_n * BLOCK_N) >> 2
         block = first[:, None] + tl.arange(0, BLOCK_N // 4)[None, :]
         c0 = block.to(tl.uint32)
         c1 = (block >> 32).to(tl.uint32)
@@ -156,7 +158,7 @@ def _tile_rounding_words(rnd_ptr, layer, offs_m, pid_n, N, BLOCK_N: tl.constexpr
         words = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        words = rounding_word_at(rseed, offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], rstream)
+        words = rounding_word_at(rseed, roff + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], rstream)
     return words
 
 
@@ -169,7 +171,7 @@ def _projected_adam_step_lift_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """W <- a W + b G + Q X (LEFT: Q m x r, X r x n) or + X Q^T (X m x r, Q n x r); W, G m x n.
-    ROUND: a 16-bit W is rounded stochastically (``rnd`` = rounding seed, then one stream per layer)."""
+    ROUND: a 16-bit W is rounded stochastically (``rnd`` = rounding seed, then (stream, offset) per layer)."""
     pid = tl.program_id(0).to(tl.int64)
     layer = tl.program_id(1).to(tl.int64)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -247,7 +249,7 @@ def _blocks(down: bool) -> dict:
 @register("projected_adam_step_", "triton", DEVICE_TYPES)
 def projected_adam_step_(
     params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
-    residual_scale, rounding_seed=None, rounding_streams=None,
+    residual_scale, rounding_seed=None, rounding_streams=None, rounding_offsets=None,
 ) -> None:  # fmt: skip
     if not params:
         return
@@ -286,10 +288,13 @@ def projected_adam_step_(
     cfg = _blocks(False)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), layers)
     round_w = rounding_seed is not None and params[0].dtype in _LOW
-    rnd = _device_table((rounding_seed, *rounding_streams) if round_w else (0,), torch.int64, dev)
+    roffs = list(rounding_offsets) if rounding_offsets is not None else [0] * layers
+    pairs = tuple(v for so in zip(rounding_streams, roffs) for v in so) if round_w else ()
+    rnd = _device_table((rounding_seed, *pairs) if round_w else (0,), torch.int64, dev)
     _projected_adam_step_lift_kernel[grid](
         params[0], g0, q0, x, _offsets(params), _offsets(grads), _offsets(projs), rnd,
         m, n, r, q0.stride(0), q0.stride(1), P * S, 1.0 - lr * weight_decay, -lr * residual_scale,
         LEFT=left, HAS_G=residual_scale != 0.0, SPLIT=split, LOW_DOT=split and not INTERPRET, PREC=prec,
-        ROUND=round_w, ALIGN4=n % 4 == 0 and cfg["BLOCK_N"] % 4 == 0, RNE_BY_HAND=INTERPRET, **cfg,
+        ROUND=round_w, ALIGN4=n % 4 == 0 and cfg["BLOCK_N"] % 4 == 0 and all(o % 4 == 0 for o in roffs),
+        RNE_BY_HAND=INTERPRET, **cfg,
     )  # fmt: skip

@@ -38,7 +38,7 @@ import triton.language as tl
 from .._registry import register
 from . import _tables as T
 from ._env import DEVICE_TYPES, INTERPRET
-from .rng import normal_at, normals, philox_normals, rounding_words, stochastic_round
+from .rng import normal_at, normals, philox_normals, rounding_word_at, rounding_words, stochastic_round
 
 #: Defaults for the GPU; tests pass smaller ones to exercise many chunks on small tensors.
 BLOCK, ITERS, NUM_WARPS = 2048, 4, 8
@@ -99,13 +99,15 @@ def _axpby_step(
     gamma,
     rseed,
     stream,
+    goff,
     BLOCK: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     FULL: tl.constexpr,
     ROUND: tl.constexpr,
     RNE_BY_HAND: tl.constexpr,
 ):
-    """One block of ``t <- beta t + alpha z + gamma a[col]``, rounded once to t's dtype.
+    """One block of ``t <- beta t + alpha z + gamma a[col]``, rounded once to t's dtype; element ``i``
+    draws the rounding word of index ``goff + i`` (``goff`` the tensor's offset).
 
     ``beta`` and ``gamma`` are tested with uniform branches rather than folded into the load
     masks: a mask that is not a bounds test would defeat vectorisation (and the interpreter
@@ -134,7 +136,10 @@ def _axpby_step(
             val += gamma * tl.load(r_ptr + col, mask=inb, other=0.0)
     words = val.to(tl.uint32, bitcast=True)  # a placeholder: only read when ROUND
     if ROUND and t_ptr.dtype.element_ty != tl.float32:
-        words = rounding_words(rseed, off0 >> 2, stream, BLOCK // 4)
+        if goff % 4 == 0:
+            words = rounding_words(rseed, (goff + off0) >> 2, stream, BLOCK // 4)
+        else:  # an offset inside a Philox block: one call per element
+            words = rounding_word_at(rseed, goff + offs, stream)
     out = _store_value(val, words, t_ptr.dtype.element_ty, ROUND, RNE_BY_HAND)
     if FULL:
         tl.store(t_ptr + offs, out)
@@ -156,6 +161,7 @@ def _axpby_typed(
     gamma,
     rseed,
     stream,
+    goff,
     BLOCK: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -170,12 +176,12 @@ def _axpby_typed(
     # Whole blocks without a bounds mask, so that loads and stores vectorise.
     if off0 + BLOCK <= numel:
         _axpby_step(
-            p, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK, HAS_ROWS, True, ROUND,
+            p, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, goff, BLOCK, HAS_ROWS, True, ROUND,
             RNE_BY_HAND,
         )  # fmt: skip
     else:
         _axpby_step(
-            p, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK, HAS_ROWS, False, ROUND,
+            p, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, goff, BLOCK, HAS_ROWS, False, ROUND,
             RNE_BY_HAND,
         )  # fmt: skip
 
@@ -212,30 +218,35 @@ def _seeded_axpby_kernel(
     beta = _f32(tl.load(row + T.A_BETA))
     gamma = _f32(tl.load(row + T.A_GAMMA))
     dt = tl.load(row + T.A_DTYPE)
+    goff = tl.load(row + T.A_OFFSET)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for it in range(ITERS):
         off0 = start + it * BLOCK
         if off0 < numel:
             # One copy of the Philox / Box-Muller code; only the memory side depends on the dtype
-            # (uniform branches; dtypes absent from the list are compiled out).
-            z = normals(seed, off0 >> 2, stream, BLOCK // 4)
+            # (uniform branches; dtypes absent from the list are compiled out). Element i is stream
+            # index goff + i: four normals per Philox call when goff is a multiple of 4.
+            if goff % 4 == 0:
+                z = normals(seed, (goff + off0) >> 2, stream, BLOCK // 4)
+            else:
+                z = normal_at(seed, goff + off0 + tl.arange(0, BLOCK), stream)
             if HAS_F32:
                 if dt == 0:
                     _axpby_typed(
-                        addr, tl.float32, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK,
-                        HAS_ROWS, ALIGNED, ROUND, RNE_BY_HAND,
+                        addr, tl.float32, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, goff,
+                        BLOCK, HAS_ROWS, ALIGNED, ROUND, RNE_BY_HAND,
                     )  # fmt: skip
             if HAS_BF16:
                 if dt == 1:
                     _axpby_typed(
-                        addr, tl.bfloat16, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK,
-                        HAS_ROWS, ALIGNED, ROUND, RNE_BY_HAND,
+                        addr, tl.bfloat16, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, goff,
+                        BLOCK, HAS_ROWS, ALIGNED, ROUND, RNE_BY_HAND,
                     )  # fmt: skip
             if HAS_F16:
                 if dt == 2:
                     _axpby_typed(
-                        addr, tl.float16, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, BLOCK,
-                        HAS_ROWS, ALIGNED, ROUND, RNE_BY_HAND,
+                        addr, tl.float16, r_ptr, off0, numel, ncols, z, alpha, beta, gamma, rseed, stream, goff,
+                        BLOCK, HAS_ROWS, ALIGNED, ROUND, RNE_BY_HAND,
                     )  # fmt: skip
             acc += tl.where(off0 + tl.arange(0, BLOCK) < numel, z * z, 0.0)
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
@@ -243,17 +254,21 @@ def _seeded_axpby_kernel(
 
 @triton.jit
 def _round_typed(
-    addr, DTYPE: tl.constexpr, v, off0, numel, seed, stream, BLOCK: tl.constexpr, FULL: tl.constexpr,
+    addr, DTYPE: tl.constexpr, v, off0, numel, seed, stream, goff, BLOCK: tl.constexpr, FULL: tl.constexpr,
     ALIGNED: tl.constexpr, RNE_BY_HAND: tl.constexpr,
 ):  # fmt: skip
-    """Store one block of ``SR(v)`` (a copy for float32) into the ``DTYPE`` tensor at ``addr``."""
+    """Store one block of ``SR(v)`` (a copy for float32) into the ``DTYPE`` tensor at ``addr``;
+    element ``i`` takes the rounding word ``goff + i``."""
     p = addr.to(tl.pointer_type(DTYPE))
     if ALIGNED:
         p = tl.multiple_of(p, 16)
     offs = off0 + tl.arange(0, BLOCK)
     words = v.to(tl.uint32, bitcast=True)  # a placeholder for float32
     if DTYPE != tl.float32:
-        words = rounding_words(seed, off0 >> 2, stream, BLOCK // 4)
+        if goff % 4 == 0:
+            words = rounding_words(seed, (goff + off0) >> 2, stream, BLOCK // 4)
+        else:
+            words = rounding_word_at(seed, goff + offs, stream)
     out = _store_value(v, words, DTYPE, True, RNE_BY_HAND)
     if FULL:
         tl.store(p + offs, out)
@@ -286,6 +301,7 @@ def _stochastic_round_kernel(
     if ALIGNED:
         src = tl.multiple_of(src, 16)
     dt = tl.load(row + T.R_DTYPE)
+    goff = tl.load(row + T.R_OFFSET)
     for it in range(ITERS):
         off0 = start + it * BLOCK
         if off0 < numel:
@@ -298,23 +314,33 @@ def _stochastic_round_kernel(
             if HAS_F32:
                 if dt == 0:
                     if full:
-                        _round_typed(addr, tl.float32, v, off0, numel, seed, stream, BLOCK, True, ALIGNED, RNE_BY_HAND)
+                        _round_typed(
+                            addr, tl.float32, v, off0, numel, seed, stream, goff, BLOCK, True, ALIGNED, RNE_BY_HAND
+                        )
                     else:
-                        _round_typed(addr, tl.float32, v, off0, numel, seed, stream, BLOCK, False, ALIGNED, RNE_BY_HAND)
+                        _round_typed(
+                            addr, tl.float32, v, off0, numel, seed, stream, goff, BLOCK, False, ALIGNED, RNE_BY_HAND
+                        )
             if HAS_BF16:
                 if dt == 1:
                     if full:
-                        _round_typed(addr, tl.bfloat16, v, off0, numel, seed, stream, BLOCK, True, ALIGNED, RNE_BY_HAND)
+                        _round_typed(
+                            addr, tl.bfloat16, v, off0, numel, seed, stream, goff, BLOCK, True, ALIGNED, RNE_BY_HAND
+                        )
                     else:
                         _round_typed(
-                            addr, tl.bfloat16, v, off0, numel, seed, stream, BLOCK, False, ALIGNED, RNE_BY_HAND
+                            addr, tl.bfloat16, v, off0, numel, seed, stream, goff, BLOCK, False, ALIGNED, RNE_BY_HAND
                         )
             if HAS_F16:
                 if dt == 2:
                     if full:
-                        _round_typed(addr, tl.float16, v, off0, numel, seed, stream, BLOCK, True, ALIGNED, RNE_BY_HAND)
+                        _round_typed(
+                            addr, tl.float16, v, off0, numel, seed, stream, goff, BLOCK, True, ALIGNED, RNE_BY_HAND
+                        )
                     else:
-                        _round_typed(addr, tl.float16, v, off0, numel, seed, stream, BLOCK, False, ALIGNED, RNE_BY_HAND)
+                        _round_typed(
+                            addr, tl.float16, v, off0, numel, seed, stream, goff, BLOCK, False, ALIGNED, RNE_BY_HAND
+                        )
 
 
 @triton.jit
@@ -342,6 +368,7 @@ def _seeded_colsum_kernel(tab_ptr, partial_ptr, RB: tl.constexpr, BN: tl.constex
     n = tl.load(row + T.C_NCOLS)
     ct = tl.load(row + T.C_CT)
     rpi = tl.load(row + T.C_RPI)
+    goff = tl.load(row + T.C_OFFSET)
     item = pid - tl.load(row + T.C_ITEM0)
     g = item // ct
     c = item - g * ct
@@ -350,18 +377,18 @@ def _seeded_colsum_kernel(tab_ptr, partial_ptr, RB: tl.constexpr, BN: tl.constex
     cols = c * BN + tl.arange(0, BN)
     col_ok = cols < n
     acc = tl.zeros([RB, BN], dtype=tl.float32)
-    if n % 4 == 0:
+    if (n % 4 == 0) & (goff % 4 == 0):
         # Every row starts on a Philox block: four normals per call, interleaved into flat order.
         for r0 in range(r_lo, r_hi, RB):
             rows = r0 + tl.arange(0, RB)
-            first = (rows * n + c * BN) >> 2
+            first = (goff + rows * n + c * BN) >> 2
             z0, z1, z2, z3 = philox_normals(seed, first[:, None] + tl.arange(0, BN // 4)[None, :], stream)
             z = tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
             acc += tl.where((rows < r_hi)[:, None] & col_ok[None, :], z, 0.0)
     else:
         for r0 in range(r_lo, r_hi, RB):
             rows = r0 + tl.arange(0, RB)
-            z = normal_at(seed, rows[:, None] * n + cols[None, :], stream)
+            z = normal_at(seed, goff + rows[:, None] * n + cols[None, :], stream)
             acc += tl.where((rows < r_hi)[:, None] & col_ok[None, :], z, 0.0)
     tl.store(partial_ptr + tl.load(row + T.C_PBASE) + g * n + cols, tl.sum(acc, axis=0), mask=col_ok)
 
@@ -400,6 +427,7 @@ def seeded_axpby_(
     row_vectors: list[torch.Tensor] | None = None,
     gamma: list[float] | None = None,
     rounding_seed: int | None = None,
+    offsets: list[int] | None = None,
     *,
     block: int = BLOCK,
     iters: int = ITERS,
@@ -414,7 +442,7 @@ def seeded_axpby_(
     # A block of at least 16 elements keeps every block start 16-byte aligned (the ALIGNED hint).
     if block < 16 or block & (block - 1) or iters < 1:
         raise ValueError(f"block, iters: need a power of two >= 16 and >= 1, got {block}, {iters}")
-    plan = T.axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, block * iters, rounding_seed)
+    plan = T.axpby_plan(tensors, seed, streams, alpha, beta, row_vectors, gamma, block * iters, rounding_seed, offsets)
     norms = torch.empty(len(tensors), dtype=torch.float32, device=plan.device)
     if plan.work == 0:
         return norms.zero_()
@@ -443,6 +471,7 @@ def seeded_colsum(
     tensors: list[torch.Tensor],
     seed: int,
     streams: list[int],
+    offsets: list[int] | None = None,
     *,
     col_block: int = COL_BLOCK,
     col_rows: int = COL_ROWS,
@@ -450,7 +479,7 @@ def seeded_colsum(
     fin_block: int = FIN_BLOCK,
 ) -> list[torch.Tensor]:
     """Column sums of ``z_k`` viewed as ``m x n`` (float32), reading only the tensors' shapes."""
-    plan = T.colsum_plan(tensors, seed, streams, col_block, col_rows, target, fin_block)
+    plan = T.colsum_plan(tensors, seed, streams, col_block, col_rows, target, fin_block, offsets)
     if plan.finish == 0:  # every output is empty
         return plan.outputs
     partial = torch.empty(max(plan.partial_size, 1), dtype=torch.float32, device=plan.device)
@@ -467,6 +496,7 @@ def stochastic_round_(
     src: list[torch.Tensor],
     seed: int,
     streams: list[int],
+    offsets: list[int] | None = None,
     *,
     block: int = BLOCK,
     iters: int = ITERS,
@@ -475,7 +505,7 @@ def stochastic_round_(
     """``dst_k <- SR(src_k)`` for the whole list in one launch (docs/rng.md, "The rounding stream")."""
     if block < 16 or block & (block - 1) or iters < 1:
         raise ValueError(f"block, iters: need a power of two >= 16 and >= 1, got {block}, {iters}")
-    plan = T.round_plan(dst, src, seed, streams, block * iters)
+    plan = T.round_plan(dst, src, seed, streams, block * iters, offsets)
     if plan.work == 0:
         return
     with _device_guard(plan.device):
