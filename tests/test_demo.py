@@ -147,6 +147,17 @@ def test_registry():
         assert isinstance(optimizers.build(name, model), optimizers.optimizer_class(name))
 
 
+def test_registry_options_reach_only_the_constructors_that_take_them():
+    # Hyper.options go to the optimizers that take them; SAM's **base_kwargs are its base
+    # optimizer's (torch.optim.AdamW takes no "probe"), LorenzaPlus's **kw are Lorenza's.
+    model = LlamaLM(parse_size(MICRO))
+    hp = optimizers.Hyper(options={"probe": "inplace"})
+    assert isinstance(optimizers.build("SAM", model, hp), optimizers.optimizer_class("SAM"))
+    assert optimizers.build("LorenzaPlus", model, hp).probe == "inplace"
+    assert optimizers.build("AdaZoSAM", model, hp).probe == "inplace"
+    assert isinstance(optimizers.build("AdamW", model, hp), torch.optim.AdamW)
+
+
 class _ZeroOrder(torch.optim.Optimizer):
     """A two-point zeroth-order SGD of the test's own: calls the closure twice under no_grad."""
 
