@@ -5,20 +5,22 @@ by a zeroth-order estimate from two forward passes per probe. Three measurements
 and deterministic (``--threads 1``, the default; the numbers below are what ``--json`` records):
 
 1. **align** -- alignment of the ascent with the gradient. The MLP below, each optimizer training
-   it for ``align_steps`` = 100 steps (constant lr 1e-3, 4e-3 for the projected optimizers whose
-   update is scaled by 0.25; seeds 0, 1, 2; rho 0.05, mu 1e-3, the default ``probe="exact"``;
-   LORENZA rank 16, bases refreshed every 20 updates, the registry's ``steps // 5``). At every 5th
-   step: ``g`` = autograd's gradient of the step's minibatch loss at theta, and ``eps`` = the
-   parameters at which the optimizer's closure runs its backward pass (recorded inside the closure
-   when ``torch.is_grad_enabled()``; SAM: its second backward pass) minus theta, flattened over
-   all parameters. Row: mean and standard error of ``cos(eps, g)`` over the 60 (step, seed)
+   it for 100 steps (constant lr 1e-3, 4e-3 for the projected optimizers whose update is scaled by
+   0.25; seeds 0, 1, 2; rho 0.05, mu 1e-3, the default ``probe="exact"``; LORENZA rank 16, bases
+   refreshed every 20 updates, the registry's ``steps // 5``). At every 5th step: ``g`` =
+   autograd's gradient of the step's minibatch loss at theta, and ``eps`` = the parameters at
+   which the optimizer's closure runs its backward pass (recorded inside the closure when
+   ``torch.is_grad_enabled()``; SAM: its second backward pass) minus theta, flattened over all
+   parameters. Row: mean and standard error of ``cos(eps, g)`` over the 60 (step, seed)
    measurements (treated as independent), ``|eps|`` (rho by construction: a zero ascent from a
    skipped step would show here; skipped steps are an error), the dimension of the space the
    probes are drawn from, and for LORENZA the share of ``|eps|^2`` on the projected matrices and
    the cosine restricted to them. A random direction's expected ``|cos|`` is
    ``sqrt(2 / (pi d))`` (0.0029 for d = 76,810); ``q`` probes of the full space reach about
-   ``sqrt(q / d)``. Diagnostic rows: the same for LORENZA on a bias-free variant of the MLP with
-   rank 8, where every parameter is a projected matrix (no dense parameter in the probe).
+   ``sqrt(q / d)``. Two more sets of rows: LORENZA on a bias-free variant of the MLP with rank 8,
+   where every parameter is a projected matrix (no dense parameter in the probe), and the
+   one-probe rows on the fine-tune of the transformer below (seeds 0, 1; 40 steps, every 4th
+   measured; lr 1e-4, 3e-4 projected; bases refreshed every 8 updates).
 2. **mlp**, **lm** -- generalization where sharpness matters, every optimizer of the list
    ``GEN_SPECS`` (AdamW, SAM around AdamW, AdaZo-SAM with ``probe_space`` "full" and "momentum",
    GaLore-AdamW, LORENZA "singular" and "subspace", Lorenza+ "singular", and LORENZA with rho = 0
@@ -31,8 +33,8 @@ and deterministic (``--threads 1``, the default; the numbers below are what ``--
    are paired); the lr with the lowest mean validation loss is chosen and its test loss reported
    (mean +- standard error over the 5 seeds). Paired rows: the per-seed difference of test losses,
    rho 0.05 minus rho 0 (AdaZo-SAM at rho = 0 is AdamW, checked bitwise before the runs; SAM minus
-   AdamW as the positive control), each at its own chosen lr, and in the note at the ascent's
-   chosen lr and at every lr of the grid.
+   AdamW as the positive control; and the probe spaces against each other), each at its own
+   chosen lr, and in the note at every lr of the grid (``*``: the first optimizer's chosen lr).
 
    - **mlp**: a 32-256-256-10 ReLU MLP (76,810 parameters; rank 16: the 256x32 and 256x256 weights
      are projected, the 10x256 head and the biases dense). Data (seed 1234): x ~ N(0, I_32), class
@@ -46,7 +48,7 @@ and deterministic (``--threads 1``, the default; the numbers below are what ``--
      lr 3e-3, batch 8, on the standard library's pre-training part; ``~/.cache/lorenza-demo`` or
      ``$LORENZA_DEMO_CACHE``), then fine-tuned on 128 windows of 65 bytes spread evenly over the
      fine-tuning train part (a small set: 100 steps of batch 8 are 6 epochs, so the fine-tune can
-     overfit), lr grid {1e-4, 3e-4, 1e-3, 3e-3}, rank 16 on the blocks' matrices (embedding and
+     overfit), lr grid {3e-5, 1e-4, 3e-4, 1e-3}, rank 16 on the blocks' matrices (embedding and
      norms dense), bases refreshed every 20 updates. Validation: 64 windows of the first half of
      the demo's held-out modules; test: 128 windows of the second half (next-byte cross-entropy).
 3. **zo** -- LOREN (K = 10 one-sided queries, K forward passes per step, the public code's other
@@ -54,15 +56,16 @@ and deterministic (``--threads 1``, the default; the numbers below are what ``--
    at an equal number of forward passes: 3,000 on the MLP (from its random initialisation), 1,000
    on the fine-tune of the transformer (from the pre-trained model); same data, schedule and
    seeds as above. lr grids shared by the three: {3e-4, 1e-3, 3e-3, 1e-2} (MLP), {1e-5, 3e-5,
-   1e-4, 3e-4} (LM); the lr with the lowest mean validation loss over seeds 0 and 1, then seeds 0-4
-   at that lr. Test loss at the full budget, and (note) at half of it: a checkpoint of the same
-   run, under the schedule of the full run.
+   1e-4, 3e-4} (LM), every lr with seeds 0-4, the lr with the lowest mean validation loss chosen.
+   Test loss at the full budget, and (note) at half of it: a checkpoint of the same run, under the
+   schedule of the full run.
 
 Columns: ``median ms``/``p20``/``p80`` one optimizer step (over the runs of the row; alignment:
-over its steps), ``metric`` what ``mean`` +- ``se`` (standard error) over ``n`` measures, ``lr``
-the chosen lr, ``val`` its mean validation loss, ``note`` the rest (``val by lr``: mean
-validation loss per lr of the grid, ``*`` the chosen one, ``div`` where a seed diverged). The JSON
-also holds every run's numbers (``details``) and the settings.
+over its steps; paired rows: none), ``metric`` what ``mean ± se`` (mean and standard error, to
+two significant digits of the error) over ``n`` measures, ``lr`` the chosen lr, ``val`` its mean
+validation loss, ``note`` the rest (``val by lr``: mean validation loss per lr of the grid, ``*``
+the chosen one, ``div`` where a seed diverged). The JSON also holds the rows' numbers
+(``details["rows"]``), every run's (``details``) and the settings.
 
 ``--quick`` (a few minutes on 2 cores): 1-2 seeds, 2 lrs, short runs; the numbers are a smoke test.
 
@@ -72,6 +75,7 @@ also holds every run's numbers (``details``) and the settings.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import statistics
@@ -103,20 +107,26 @@ from lorenza.integrations.loop import PassCounter, closure_step
 MU = 1e-3  # probe scale of every zeroth-order method
 RHO = 0.05  # radius of SAM, AdaZo-SAM, LORENZA, Lorenza+
 DATA_SEED = 1234  # the MLP task's data, the same for every run
-LOWRANK_LR_FACTOR = 4.0  # alignment: lr of the projected optimizers (their update is scaled by 0.25)
 
 
 # ---------------------------------------------------------------- settings
 
 
 @dataclass(frozen=True)
+class Align:
+    seeds: tuple[int, ...]
+    steps: int
+    every: int
+    lr: float  # dense optimizers
+    lowrank_lr: float  # projected optimizers (their update is scaled by 0.25)
+
+
+@dataclass(frozen=True)
 class Settings:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    select_seeds: int = 2  # zeroth-order part: the lr is chosen on the first seeds
-    align_seeds: tuple[int, ...] = (0, 1, 2)
-    align_steps: int = 100
-    align_every: int = 5
-    align_lr: float = 1e-3
+    # alignment: (seeds, steps, measure every, lr of the dense optimizers, of the projected ones)
+    align_mlp: Align = Align((0, 1, 2), 100, 5, 1e-3, 4e-3)
+    align_lm: Align = Align((0, 1), 40, 4, 1e-4, 3e-4)
     mlp_train: int = 2000
     mlp_val: int = 1000
     mlp_test: int = 5000
@@ -130,7 +140,7 @@ class Settings:
     lm_steps: int = 100
     lm_val_windows: int = 64
     lm_test_windows: int = 128
-    lm_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
+    lm_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3)
     zo_mlp_forwards: int = 3000
     zo_lm_forwards: int = 1000
     zo_mlp_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
@@ -141,9 +151,8 @@ class Settings:
 FULL = Settings()
 QUICK = Settings(
     seeds=(0, 1),
-    select_seeds=1,
-    align_seeds=(0,),
-    align_steps=20,
+    align_mlp=Align((0,), 20, 5, 1e-3, 4e-3),
+    align_lm=Align((0,), 8, 4, 1e-4, 3e-4),
     mlp_steps=100,
     mlp_grid=(1e-3, 3e-3),
     lm_steps=16,
@@ -303,8 +312,21 @@ def fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
-def fmt_pm(m: float, se: float) -> str:
-    return f"{m:+.4f} ± {se:.4f}" if math.isfinite(m) else "div"
+def decimals(se: float) -> int:
+    """Decimals that show two significant digits of the standard error (4 when there is none)."""
+    if not (math.isfinite(se) and se > 0):
+        return 4
+    return min(8, max(2, 1 - math.floor(math.log10(se))))
+
+
+def fmt_pm(m: float, se: float, signed: bool = True) -> str:
+    """``m ± se`` to the precision of ``se``; ``div`` when a run diverged."""
+    if not math.isfinite(m):
+        return "div"
+    d = decimals(se)
+    return (
+        f"{m:{'+' if signed else ''}.{d}f} ± {se:.{d}f}" if math.isfinite(se) else f"{m:{'+' if signed else ''}.{d}f}"
+    )
 
 
 # ---------------------------------------------------------------- one training run
@@ -377,7 +399,7 @@ class Grid:
         for lr in self.runs:
             v = self.mean_val(lr, seeds)
             star = "*" if lr == self.chosen else ""
-            parts.append(f"{fmt_lr(lr)}{star} {v:.4f}" if math.isfinite(v) else f"{fmt_lr(lr)}{star} div")
+            parts.append(f"{fmt_lr(lr)}{star} {v:.5f}" if math.isfinite(v) else f"{fmt_lr(lr)}{star} div")
         return ", ".join(parts)
 
     def record(self) -> dict:
@@ -399,6 +421,17 @@ def run_grid(task, spec: Spec, lrs: Sequence[float], seeds: Sequence[int], steps
                 runs[seed] = train(task, spec, lr, seed, steps, "inplace", **kw)
         log(f"  {task.short} {spec.label} lr {fmt_lr(lr)}: val {grid.mean_val(lr, seeds):.4f} ({len(seeds)} seeds)")
     return grid
+
+
+def add_row(report, case, provider, times, metric, m, se, n, lr, val, note, signed=False) -> None:
+    """One row: ``mean ± se`` as text to the precision of its standard error (the harness would print
+    three significant digits, too few for losses that differ in the fourth decimal); the numbers
+    themselves go to the JSON's ``details["rows"]``."""
+    metrics = {"metric": metric, "mean ± se": fmt_pm(m, se, signed), "n": n, "lr": lr}
+    metrics["val"] = f"{val:.5f}" if val is not None and math.isfinite(val) else ("div" if val is not None else "")
+    metrics["note"] = note
+    report.add(case, provider, times, **metrics)
+    report.details.setdefault("rows", {})[f"{case} / {provider}"] = {"mean": m, "se": se, "n": n, "val": val}
 
 
 # ---------------------------------------------------------------- part 1: alignment
@@ -437,20 +470,20 @@ def probe_dim(spec: Spec, opt, params: Sequence[torch.Tensor]) -> int:
     return total
 
 
-def alignment(report, task: MLPTask, s: Settings, specs, log, details: dict) -> None:
+def alignment(report, task, a: Align, specs, log, details: dict) -> None:
     """cos(eps, g): g autograd's gradient of the step's minibatch loss at theta, eps read off the
     parameters at which the closure runs its backward pass (module docstring)."""
     for spec, q in specs:
         cos_all, cos_proj, norms, ms, dims, shares, steps_seen = [], [], [], [], [], [], []
-        lr = s.align_lr * (LOWRANK_LR_FACTOR if spec.lowrank else 1.0)
-        for seed in s.align_seeds:
+        lr = a.lowrank_lr if spec.lowrank else a.lr
+        for seed in a.seeds:
             model = task.model(seed)
             params = list(model.parameters())
-            opt = build(spec, model, lr, seed, s.align_steps, task.rank, "exact")
+            opt = build(spec, model, lr, seed, a.steps, task.rank, "exact")
             seen: list[list[torch.Tensor]] = []
-            for step in range(1, s.align_steps + 1):
+            for step in range(1, a.steps + 1):
                 batch = task.batch(seed, step - 1)
-                measure = step % s.align_every == 0 and step > 1  # LORENZA's step 1 has no ascent by design
+                measure = step % a.every == 0 and step > 1  # LORENZA's step 1 has no ascent by design
 
                 def loss_fn():
                     loss = task.loss(model, batch)
@@ -489,10 +522,8 @@ def alignment(report, task: MLPTask, s: Settings, specs, log, details: dict) -> 
             pm, pse = mean_se(cos_proj)
             note += f"; projected matrices: {statistics.fmean(shares):.1%} of ‖eps‖², cos there {pm:.3f} ± {pse:.3f}"
         provider = spec.label + ("" if spec.name == "SAM" else f" q={q}")
-        report.add(
-            "alignment " + task.short, provider, quantiles(ms), metric="cos(eps, grad)", mean=m, se=se,
-            n=len(cos_all), lr=lr, note=note,
-        )  # fmt: skip
+        add_row(report, "alignment " + task.short, provider, quantiles(ms), "cos(eps, grad)", m, se, len(cos_all),
+                fmt_lr(lr), None, note)  # fmt: skip
         details[f"alignment {task.short} / {provider}"] = {
             "step": steps_seen,
             "cos": cos_all,
@@ -523,6 +554,8 @@ PAIRS = [
     ("AdaZoSAM momentum", "AdamW"),
     ("Lorenza singular", "Lorenza singular rho=0"),
     ("Lorenza subspace", "Lorenza subspace rho=0"),
+    ("AdaZoSAM momentum", "AdaZoSAM full"),  # the probe spaces against each other
+    ("Lorenza singular", "Lorenza subspace"),
 ]
 
 
@@ -548,10 +581,10 @@ def generalization(report, task, s: Settings, lrs: Sequence[float], steps: int, 
         runs = g.runs[best]
         m, se = mean_se([r.test for r in runs.values()])
         skipped = sum(r.skipped for rs in g.runs.values() for r in rs.values())
-        note = "val by lr: " + g.summary() + (f"; {skipped} skipped steps" if skipped else "")
-        report.add(
-            "generalization " + task.name, spec.label, quantiles([r.ms_per_step for r in runs.values()]),
-            metric="test loss", mean=m, se=se, n=len(runs), lr=best, val=g.mean_val(best), note=note,
+        note = "val by lr: " + g.summary() + (f"; {skipped} skipped steps in the grid" if skipped else "")
+        add_row(
+            report, "generalization " + task.name, spec.label, quantiles([r.ms_per_step for r in runs.values()]),
+            "test loss", m, se, len(runs), fmt_lr(best), g.mean_val(best), note,
         )  # fmt: skip
         details[f"generalization {task.short} / {spec.label}"] = g.record()
         log(f"  {task.short} {spec.label}: lr {fmt_lr(best)}, test {m:.4f} ± {se:.4f}")
@@ -565,10 +598,10 @@ def generalization(report, task, s: Settings, lrs: Sequence[float], steps: int, 
             per_lr.append(
                 f"{fmt_lr(lr)}{'*' if lr == ga.chosen else ''} {fmt_pm(*mean_se([la[k] - lb[k] for k in la]))}"
             )
-        report.add(
-            "paired " + task.name, f"{a} − {b}", (math.nan, math.nan, math.nan), metric="Δ test loss",
-            mean=m, se=se, n=len(ta), lr=f"{fmt_lr(ga.chosen)} / {fmt_lr(gb.chosen)}",
-            note="same lr: " + ", ".join(per_lr),
+        add_row(
+            report, "paired " + task.name, f"{a} − {b}", (math.nan, math.nan, math.nan), "Δ test loss", m, se,
+            len(ta), f"{fmt_lr(ga.chosen)} / {fmt_lr(gb.chosen)}", None, "same lr: " + ", ".join(per_lr),
+            signed=True,
         )  # fmt: skip
         log(f"  paired {a} − {b}: {fmt_pm(m, se)}; same lr: {', '.join(per_lr)}")
 
@@ -583,23 +616,23 @@ def zo_specs(s: Settings) -> list[tuple[Spec, int]]:
 
 
 def zeroth_order(report, task, s: Settings, lrs: Sequence[float], forwards: int, log, details: dict) -> None:
-    select = s.seeds[: s.select_seeds]
     for spec, per_step in zo_specs(s):
         steps = forwards // per_step
         half = steps // 2
-        g = run_grid(task, spec, lrs, select, steps, log, checkpoints=(half,))
-        best = g.choose(select)
-        run_grid(task, spec, [best], s.seeds, steps, log, grid=g, checkpoints=(half,))
+        g = run_grid(task, spec, lrs, s.seeds, steps, log, checkpoints=(half,))
+        best = g.choose()
         runs = g.runs[best]
         if {r.forwards for r in runs.values() if not r.diverged} - {steps * per_step}:
             raise RuntimeError(f"{spec.label}: forward passes {[r.forwards for r in runs.values()]}, not {forwards}")
         m, se = mean_se([r.test for r in runs.values()])
         mh, seh = mean_se([r.at[half][1] for r in runs.values()])
-        report.add(
-            f"ZO {task.name}, {forwards} forwards", spec.label, quantiles([r.ms_per_step for r in runs.values()]),
-            metric="test loss", mean=m, se=se, n=len(runs), lr=best, val=g.mean_val(best),
-            note=f"{steps} steps; at {half * per_step} forwards {mh:.4f} ± {seh:.4f}; "
-            f"val by lr (seeds {', '.join(map(str, select))}): {g.summary(select)}",
+        skipped = sum(r.skipped for rs in g.runs.values() for r in rs.values())
+        times = quantiles([r.ms_per_step for r in runs.values()])
+        add_row(
+            report, f"ZO {task.name}, {forwards} forwards", spec.label, times,
+            "test loss", m, se, len(runs), fmt_lr(best), g.mean_val(best),
+            f"{steps} steps; at {half * per_step} forwards {fmt_pm(mh, seh, False)}; val by lr: {g.summary()}"
+            + (f"; {skipped} skipped steps in the grid" if skipped else ""),
         )  # fmt: skip
         details[f"ZO {task.short} / {spec.label}"] = g.record()
         log(f"  ZO {task.short} {spec.label}: lr {fmt_lr(best)}, test {m:.4f} ± {se:.4f}")
@@ -618,7 +651,7 @@ class AscentReport(common.Report):
 
     def to_json(self) -> dict:
         out = super().to_json()
-        out["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.settings).items()}
+        out["settings"] = dataclasses.asdict(self.settings)
         out["details"] = self.details
         return out
 
@@ -643,19 +676,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", flush=True)
 
     mlp = MLPTask(s)
-    if "align" in parts:
-        alignment(report, mlp, s, ALIGN_SPECS, log, report.details)
-        all_projected = MLPTask(s, bias=False, rank=8)
-        alignment(report, all_projected, s, [x for x in ALIGN_SPECS if x[0].lowrank], log, report.details)
-    if "mlp" in parts:
-        check_adazo_rho0_is_adamw(mlp)
-        generalization(report, mlp, s, s.mlp_grid, s.mlp_steps, log, report.details)
-    lm = LMTask(s, device) if parts & {"lm", "zo"} else None
+    lm = LMTask(s, device) if parts & {"align", "lm", "zo"} else None
     if lm is not None:
         before = {split: lm.evaluate(lm.base, split) for split in ("val", "test")}
         report.details["LM pre-trained"] = {**before, "cached": bool(lm.pre_info.get("cached"))}
         log(f"{lm.name} pre-trained ({'cached' if lm.pre_info.get('cached') else 'trained now'}): "
             f"val {before['val']:.4f}, test {before['test']:.4f} before fine-tuning")  # fmt: skip
+    if "align" in parts:
+        alignment(report, mlp, s.align_mlp, ALIGN_SPECS, log, report.details)
+        all_projected = MLPTask(s, bias=False, rank=8)
+        alignment(report, all_projected, s.align_mlp, [x for x in ALIGN_SPECS if x[0].lowrank], log, report.details)
+        alignment(report, lm, s.align_lm, [x for x in ALIGN_SPECS if x[1] == 1], log, report.details)
+    if "mlp" in parts:
+        check_adazo_rho0_is_adamw(mlp)
+        generalization(report, mlp, s, s.mlp_grid, s.mlp_steps, log, report.details)
     if "lm" in parts:
         generalization(report, lm, s, s.lm_grid, s.lm_steps, log, report.details)
     if "zo" in parts:
