@@ -147,6 +147,17 @@ def test_registry():
         assert isinstance(optimizers.build(name, model), optimizers.optimizer_class(name))
 
 
+def test_registry_options_reach_only_the_constructors_that_take_them():
+    # Hyper.options go to the optimizers that take them; SAM's **base_kwargs are its base
+    # optimizer's (torch.optim.AdamW takes no "probe"), LorenzaPlus's **kw are Lorenza's.
+    model = LlamaLM(parse_size(MICRO))
+    hp = optimizers.Hyper(options={"probe": "inplace"})
+    assert isinstance(optimizers.build("SAM", model, hp), optimizers.optimizer_class("SAM"))
+    assert optimizers.build("LorenzaPlus", model, hp).probe == "inplace"
+    assert optimizers.build("AdaZoSAM", model, hp).probe == "inplace"
+    assert isinstance(optimizers.build("AdamW", model, hp), torch.optim.AdamW)
+
+
 class _ZeroOrder(torch.optim.Optimizer):
     """A two-point zeroth-order SGD of the test's own: calls the closure twice under no_grad."""
 
@@ -433,6 +444,26 @@ def test_run_all_on_fake_benches(tmp_path):
         )
         == 0
     )
+
+
+def test_bench_ascent_alignment_runs(tmp_path):
+    # The ascent is read where the closure runs its backward pass: SAM's is the gradient itself,
+    # the zeroth-order ones have norm rho and a positive cosine (their sign comes from the probe).
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python_api")])}
+    script = os.path.join(ROOT, "bench", "bench_ascent.py")
+    cmd = [sys.executable, script, "--quick", "--part", "align", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    cos = {key: v["mean"] for key, v in data["details"]["rows"].items()}
+    assert cos["alignment MLP-77k / SAM"] == pytest.approx(1.0, abs=1e-5)
+    assert cos["alignment LM tiny / SAM"] == pytest.approx(1.0, abs=1e-4)
+    assert len(cos) == len(rows) == 17 and all(0.0 < c < 0.9 for key, c in cos.items() if not key.endswith("SAM"))
+    for r in rows:
+        norm = float(r["metrics"]["note"].split("‖eps‖ ")[1].split()[0])
+        assert norm == pytest.approx(0.05, rel=0.2 if "q=8" in r["provider"] else 1e-3), r["provider"]
 
 
 def test_bench_optimizer_step_runs(tmp_path):

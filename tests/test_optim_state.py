@@ -216,13 +216,13 @@ def test_lr_scheduler_drives_the_step():
 
 def test_state_layout_matches_the_memory_table():
     """docs/algorithms.md's table: MeZO none; MeZO-Adam, AdaZo-SAM two moments; LOREN momentum for
-    matrices plus the vectors a; SAM the base optimizer's state (its copies live only in a step)."""
+    matrices plus the vectors a (and the scalar cov_step, the last covariance step's size); SAM the base optimizer's state (its copies live only in a step)."""
     x, y = mlp_data()
     expected = {
         "mezo": lambda p: set(),
         "mezo_adam": lambda p: {"step", "exp_avg", "exp_avg_sq"},
         "adazo_sam": lambda p: {"step", "exp_avg", "exp_avg_sq"},
-        "loren": lambda p: {"a", "momentum_buffer"} if p.dim() >= 2 else {"a"},
+        "loren": lambda p: {"a", "cov_step", "momentum_buffer"} if p.dim() >= 2 else {"a", "cov_step"},
         "sam": lambda p: {"step", "exp_avg", "exp_avg_sq"},
     }
     for name, keys in expected.items():
@@ -237,3 +237,4 @@ def test_state_layout_matches_the_memory_table():
             assert set(state.get(p, {})) == keys(p), (name, p.shape)
             if name == "loren":
                 assert state[p]["a"].shape == (p.shape[-1] if p.dim() == 2 else p.numel(),)
+                assert state[p]["cov_step"].shape == ()

@@ -193,6 +193,26 @@ def default_rank(model: nn.Module) -> int:
     return max(4, (min(widths) if widths else 16) // 4)
 
 
+def constructor_keywords(cls: type) -> set[str]:
+    """The keyword names ``cls(...)`` accepts: its ``__init__``'s, and where that forwards ``**kwargs``
+    to ``super().__init__`` (LorenzaPlus to Lorenza), those of the next ``__init__`` in the MRO.
+
+    SAM's ``**base_kwargs`` go to its base optimizer, not up the MRO (to ``torch.optim.Optimizer``,
+    which takes none of the options), so an option such as ``probe`` is not forwarded to AdamW.
+    """
+    names: set[str] = set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        names |= {n for n, p in params.items() if p.kind in kinds and n != "self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
 def build(name: str, model: nn.Module, hp: Hyper | None = None) -> torch.optim.Optimizer:
     """The optimizer ``name`` for ``model``."""
     hp = hp or Hyper()
@@ -206,9 +226,8 @@ def build(name: str, model: nn.Module, hp: Hyper | None = None) -> torch.optim.O
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     if hp.options and cls.__module__.startswith("lorenza."):
-        sig = inspect.signature(cls).parameters
-        open_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
-        kwargs.update({k: v for k, v in hp.options.items() if open_kw or k in sig})
+        accepted = constructor_keywords(cls)
+        kwargs.update({k: v for k, v in hp.options.items() if k in accepted})
     return cls(params, lr=lr, **kwargs)
 
 

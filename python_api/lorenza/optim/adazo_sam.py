@@ -59,10 +59,15 @@ class AdaZoSAM(SeededOptimizer):
 
     Non-finite probe loss: perturbation removed, no backward pass, skip counted, one warning.
     Non-finite loss or gradient in the backward pass: ``eps`` removed, no update (per-layer mode:
-    the parameters updated before the first non-finite gradient keep their update). Deviation:
-    "parameters exactly as before" holds up to the rounding of adding and subtracting the
-    regenerated noise (a few ulps); a bitwise restore would need a copy of the parameters, which
-    the memory table of docs/algorithms.md does not allow.
+    the parameters updated before the first non-finite gradient keep their update). With the
+    default ``probe="exact"`` nothing is ever written, so the parameters are bitwise as before;
+    with ``probe="inplace"`` they are restored up to the rounding of adding and subtracting the
+    regenerated noise (docs/algorithms.md, "Skipped steps").
+
+    ``probe_space``: ``"full"`` (default, the paper's: ``z ~ N(0, I)`` over every parameter) or
+    ``"momentum"`` (one direction, Adam's first moment ``exp_avg``, its sign from the zeroth-order
+    estimate; no noise, no memory; ``num_probes=1``). docs/algorithms.md ("AdaZo-SAM") gives the
+    measurements behind keeping the paper's default.
 
     State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (``state_dtype``, float32 by
     default): AdamW's memory. Returns the loss of the backward pass (at ``theta + eps``).
