@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import _sharding
 from ._functional import adamw_, init_adam_state
-from ._noise import Slot
+from ._noise import Slot, offsets_of
 
 __all__ = ["adamw_slots_"]
 
@@ -28,7 +29,9 @@ def adamw_slots_(
 ) -> None:
     """One Adam step of every slot (state created on first use), one ``update`` call per group.
     With ``rounding_seed``, the groups that keep ``stochastic_rounding`` round their bfloat16/float16
-    parameters stochastically (each from its own stream)."""
+    parameters stochastically (each from its own stream). Sharded (FSDP2) parameters: the state is
+    created like the parameter (a DTensor with its placement, for checkpoints) and the update runs
+    on the local shards, rounding with the words of the shard's global indices."""
     by_group: dict[int, list[int]] = {}
     for k, slot in enumerate(slots):
         by_group.setdefault(id(slot.group), []).append(k)
@@ -42,9 +45,11 @@ def adamw_slots_(
             st["step"] += 1
         beta1, beta2 = group["betas"]
         rounds = rounding_seed is not None and bool(group.get("stochastic_rounding", True))
+        loc = _sharding.local
         update(
-            params, [grads[k] for k in members], [st["exp_avg"] for st in states],
-            [st["exp_avg_sq"] for st in states], [st["step"] for st in states], lr=float(group["lr"]),
+            [slots[k].data for k in members], [loc(grads[k]) for k in members], [loc(st["exp_avg"]) for st in states],
+            [loc(st["exp_avg_sq"]) for st in states], [st["step"] for st in states], lr=float(group["lr"]),
             beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
             rounding_seed=rounding_seed if rounds else None, streams=[slots[k].stream for k in members],
+            offsets=offsets_of([slots[k] for k in members]),
         )  # fmt: skip

@@ -22,8 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from . import _checks
+from . import _checks, _sharding
 from ._noise import Perturbation
 from .closure import as_loss
 
@@ -32,19 +33,36 @@ __all__ = ["GradientPass", "LayerPass", "all_finite"]
 _NO_BACKWARD = "closure: called with gradients enabled it must call loss.backward() (see lorenza.optim.make_closure)"
 
 
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+def all_finite(tensors: Sequence[torch.Tensor], group: object = None) -> bool:
     """Every element of every tensor finite: one multi-tensor check and one host synchronisation
     per device. The check is the one ``torch.amp.GradScaler`` runs on every step (it multiplies by
-    an inverse scale, here exactly 1, which changes no value)."""
+    an inverse scale, here exactly 1, which changes no value). With ``group`` (the tensors are shards
+    of sharded gradients) the verdict is every rank's: one more all-reduce of one number, so that
+    all ranks skip the same steps."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
+        t = _sharding.local(t)
         by_device.setdefault(t.device, []).append(t if t.is_floating_point() else t.float())
     flags = []
     for device, ts in by_device.items():
         found = torch.zeros(1, dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones(1, dtype=torch.float32, device=device))
         flags.append(found)
+    if group is not None:
+        total = torch.zeros(1, dtype=torch.float32, device=flags[0].device if flags else "cpu")
+        for f in flags:
+            total += f.to(total.device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+        return not bool(total.item())
     return not any(bool(f.item()) for f in flags)
+
+
+def shard_group(slots: Sequence[Any]) -> object | None:
+    """The process group of the slots' shards (FSDP2's mesh), None when no slot is sharded."""
+    for s in slots:
+        if s.shard is not None:
+            return s.shard.group
+    return None
 
 
 class LayerPass:
@@ -105,6 +123,7 @@ class GradientPass:
         opt.zero_grad(set_to_none=True)
         layer_pass = LayerPass(ctx, perturbation)
         self.active = layer_pass if opt.per_layer else None
+        _sharding.resync([s.param for s in ctx.slots if s.shard is not None])  # in-place ascent: gather it
         try:
             with torch.enable_grad(), perturbation.applied(differentiable=True):
                 loss = as_loss(closure())
@@ -136,13 +155,14 @@ class GradientPass:
             perturbation.restore()  # first: the checks below may raise
         live = [s for s in ctx.slots if s.param.grad is not None]
         _checks.dense_gradients(opt, [s.param for s in live])
-        grads = [s.param.grad for s in live]
-        finite = all_finite([*extra, *grads])
+        grads = [s.grad for s in live]  # a sharded gradient's local shard
+        finite = all_finite([*extra, *grads], shard_group(ctx.slots))
         if not finite:
             opt._skip("non-finite loss or gradient in the backward pass" if extra else "non-finite gradient")
             return False
         if live:
             opt._update(ctx, live, grads)
+            _sharding.resync([s.param for s in live if s.shard is not None])
         return True
 
     # --- per-layer mode ---------------------------------------------------------------------------

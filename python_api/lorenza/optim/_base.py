@@ -52,30 +52,30 @@ import torch.distributed as dist
 import lorenza_kernels as lk
 from lorenza_kernels import _registry
 
-from . import _checks
+from . import _checks, _sharding
 from ._backward import GradientPass, LayerPass
-from ._noise import DenseNoise, Noise, Perturbation, Slot
-from ._probe import ProbeMode
+from ._noise import DenseNoise, Noise, Perturbation, ProbeTargets, Slot
 from ._seeds import rounding_seed
 from .closure import as_loss
 
 __all__ = ["SeededOptimizer", "StepContext"]
 
 
-def _fused_linear(ctx: StepContext, seed: int, alphas: Sequence[float]) -> Callable | None:
+def _fused_linear(ctx: StepContext, seed: int, alphas: Sequence[float], slots: dict[int, Slot]) -> Callable | None:
     """``F.linear`` of a perturbed weight through ``lorenza_kernels.seeded_linear`` (noise generated
     inside the GEMM), where that op has a fast kernel for the weight's device (Triton on CUDA) and
     the probe is one dense term with one ``alpha`` for weight and bias; None otherwise (the
-    perturbed copy is made instead)."""
+    perturbed copy is made instead). ``slots``: the probe's targets (``ProbeTargets.by_id``)."""
     if not isinstance(ctx.noise, DenseNoise):
         return None
-    slots = {id(s.param): s for s in ctx.slots}
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         if _registry.active("seeded_linear", weight.device.type) == "reference" or x.dtype != weight.dtype:
             return None
         w = slots[id(weight)]
         b = slots.get(id(bias)) if bias is not None else None
+        if _sharding.is_dtensor(weight) or (bias is not None and _sharding.is_dtensor(bias)):
+            return None  # a DTensor read as itself: the perturbed copy is made instead
         if w.param.dim() != 2 or (b is not None and alphas[b.index] != alphas[w.index]):
             return None
         return lk.seeded_linear(
@@ -117,6 +117,8 @@ class SeededOptimizer(torch.optim.Optimizer):
     param_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
     #: group keys that torch, schedulers or users add and that are no hyperparameter.
     extra_group_keys: ClassVar[frozenset[str]] = frozenset({"params", "param_names", "name", "initial_lr"})
+    #: None when FSDP2's sharded parameters are supported, else why not (the error at construction).
+    sharded_refusal: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -174,6 +176,18 @@ class SeededOptimizer(torch.optim.Optimizer):
         for k, p in enumerate(params if isinstance(params, list) else []):
             t = p[1] if isinstance(p, tuple) else p
             _checks.not_sharded(type(self).__name__, k, t)
+            if self.sharded_refusal is not None and _sharding.is_dtensor(t):
+                raise TypeError(
+                    f"params[{k}]: a DTensor (FSDP2's fully_shard) is not supported by {type(self).__name__} yet: "
+                    f"{self.sharded_refusal}; use DistributedDataParallel, or MeZO, MeZOAdam, Loren or AdaZoSAM "
+                    "(docs/algorithms.md, 'Distributed training')"
+                )
+            if self.per_layer and _sharding.is_dtensor(t):
+                raise ValueError(
+                    f"per_layer: True is not supported with sharded parameters (params[{k}] is a DTensor, FSDP2's "
+                    "fully_shard): FSDP2 sets the sharded gradient after its reduce-scatter, not through the "
+                    "gradient hooks per-layer mode updates in; use per_layer=False"
+                )
             if isinstance(t, torch.Tensor) and t.dtype not in self.param_dtypes:
                 names = ", ".join(str(d).replace("torch.", "") for d in self.param_dtypes)
                 raise TypeError(f"params[{k}]: dtype {str(t.dtype).replace('torch.', '')} is not supported ({names})")
@@ -225,7 +239,7 @@ class SeededOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    slots.append(Slot(p, stream, group, len(slots)))
+                    slots.append(Slot(p, stream, group, len(slots), _sharding.shard_of(p)))
                 stream += 1
         if not slots and not getattr(self, "_warned_frozen", False):
             self._warned_frozen = True
@@ -352,25 +366,44 @@ class SeededOptimizer(torch.optim.Optimizer):
 
     # --- probes ---------------------------------------------------------------------------------
 
-    def _probe_loss(self, closure: Callable[[], Any]) -> torch.Tensor:
+    def _probe_loss(self, closure: Callable[[], Any], slots: Sequence[Slot] = ()) -> torch.Tensor:
+        _sharding.resync([s.param for s in slots if s.shard is not None])  # FSDP2 gathers what was written
         with torch.no_grad():
             return as_loss(closure())
 
     def _reduce(
-        self, losses: Sequence[torch.Tensor], extra: torch.Tensor | None = None
+        self,
+        losses: Sequence[torch.Tensor],
+        extra: torch.Tensor | None = None,
+        summed: Sequence[bool] | None = None,
+        group: Any = None,
     ) -> tuple[list[float], list[float]]:
-        """Probe losses averaged over the ranks (one all-reduce) and, untouched, ``extra`` values:
-        both brought to the host in one synchronisation."""
+        """Probe losses averaged over the ranks (one all-reduce) and ``extra`` values: untouched, or,
+        where ``summed`` is True (partial sums of sharded parameters), summed over the ranks of the
+        shards' ``group`` in the same all-reduce when it is the losses' group. All brought to the host
+        in one synchronisation."""
         vals = torch.stack([v.to(losses[0].device, torch.float64) for v in losses])
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size(self.process_group)
-            if world > 1:
-                dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=self.process_group)
-                vals = vals / world
+        nl = len(losses)
         if extra is not None and extra.numel():
             vals = torch.cat([vals, extra.detach().to(vals.device, torch.float64).reshape(-1)])
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size(self.process_group)
+            mask = [False] * (vals.numel() - nl) if summed is None else list(summed)
+            if any(mask) and group is not None and group is not self.process_group and group != self.process_group:
+                idx = [nl + k for k, m in enumerate(mask) if m]
+                part = vals[idx].clone()
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+                vals[idx] = part
+                mask = [False] * len(mask)
+            if world > 1:
+                keep = torch.tensor([k for k, m in enumerate(mask) if not m], dtype=torch.long) + nl
+                saved = vals[keep].clone() if keep.numel() else None
+                dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=self.process_group)
+                vals[:nl] /= world
+                if saved is not None:
+                    vals[keep] = saved
         out = vals.tolist()
-        return out[: len(losses)], out[len(losses) :]
+        return out[:nl], out[nl:]
 
     def _perturbation(self, ctx: StepContext) -> Perturbation:
         """An empty record of the step's ascent, exact or in place as ``probe`` says."""
@@ -405,10 +438,10 @@ class SeededOptimizer(torch.optim.Optimizer):
             for j, seed in enumerate(seeds):
                 norms.append(noise.apply_(slots, seed, mus))
                 applied = (seed, list(mus))
-                losses.append(self._probe_loss(closure))
+                losses.append(self._probe_loss(closure, slots))
                 noise.apply_(slots, seed, down)
                 applied = (seed, [-m for m in mus])
-                losses.append(self._probe_loss(closure))
+                losses.append(self._probe_loss(closure, slots))
                 if j + 1 < len(seeds):
                     noise.apply_(slots, seed, mus)
                     applied = None
@@ -416,7 +449,7 @@ class SeededOptimizer(torch.optim.Optimizer):
             if applied is not None:
                 noise.apply_(slots, applied[0], [-a for a in applied[1]])
             raise
-        vals, norms_per_probe, ok = self._finish_probes(slots, losses, norms)
+        vals, norms_per_probe, ok = self._finish_probes(slots, losses, norms, noise)
         if not ok:
             noise.apply_(slots, seeds[-1], mus)
         return vals, norms_per_probe, ok
@@ -438,25 +471,34 @@ class SeededOptimizer(torch.optim.Optimizer):
                 alphas = [sign * m for m in mus]
                 probe = Perturbation(ctx.noise, slots, exact=True)
                 probe.add(seed, alphas)
+                targets = ProbeTargets(slots)
                 make = probe.materializer(recorded if sign > 0 else None)
-                linear = _fused_linear(ctx, seed, alphas)
-                with ProbeMode([s.param for s in slots], make, linear=linear):
-                    losses.append(self._probe_loss(closure))
+                linear = _fused_linear(ctx, seed, alphas, targets.by_id)
+                with targets.mode(make, linear=linear):
+                    losses.append(self._probe_loss(closure, slots))
             if not need_norms:
                 norms.append(torch.zeros(len(slots)))
                 continue
+            # parameters the loss did not read, or a fused kernel read, and sharded ones (whose norms
+            # are summed over their shards): norms from the stream
             missing = [s for s in slots if s.index not in recorded]
-            if missing:  # parameters the loss did not read, or a fused kernel read: norms from the stream
+            if missing:
                 for s, sq in zip(missing, ctx.noise.norms(missing, seed)):
                     recorded[s.index] = sq.reshape(1)
             device = slots[0].param.device if slots else torch.device("cpu")
             norms.append(
                 torch.cat([recorded[s.index].reshape(1).to(device) for s in slots]) if slots else torch.zeros(0)
             )
-        return self._finish_probes(slots, losses, norms)
+        return self._finish_probes(slots, losses, norms, ctx.noise)
 
-    def _finish_probes(self, slots, losses, norms) -> tuple[list[float], list[list[float]], bool]:
-        vals, flat = self._reduce(losses, torch.cat(norms) if slots else None)
+    def _finish_probes(self, slots, losses, norms, noise=None) -> tuple[list[float], list[list[float]], bool]:
+        summed = None
+        group = None
+        sharded = [s for s in slots if s.shard is not None]
+        if sharded and noise is not None:
+            summed = noise.partial(slots) * len(norms)
+            group = sharded[0].shard.group
+        vals, flat = self._reduce(losses, torch.cat(norms) if slots else None, summed, group)
         n = len(slots)
         norms_per_probe = [flat[j * n : (j + 1) * n] for j in range(len(norms))]
         if not all(math.isfinite(v) for v in vals):

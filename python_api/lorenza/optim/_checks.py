@@ -102,18 +102,12 @@ def dense_gradients(optimizer: torch.optim.Optimizer, params: Any) -> None:
 
 
 def not_sharded(optimizer_name: str, k: int, param: Any) -> None:
-    """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are refused at construction:
-    the seeded kernels index a parameter's full shape, which a local shard does not have."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return
-    if isinstance(param, DTensor):
-        raise TypeError(
-            f"params[{k}]: a DTensor (sharded by FSDP2's fully_shard or tensor parallelism, placements "
-            f"{tuple(param.placements)}) is not supported by {optimizer_name} yet; use DistributedDataParallel "
-            "or unsharded parameters (docs/algorithms.md, 'Distributed training')"
-        )
+    """DTensor parameters: FSDP2's (``fully_shard``: ``Shard(0)`` on a 1-D mesh) are supported, each
+    rank working on its shard with the global element indices (``_sharding.py``); any other placement
+    (tensor parallelism, HSDP, ``shard_placement_fn``) is refused at construction, naming it."""
+    from . import _sharding
+
+    _sharding.check_param(f"params[{k}]", optimizer_name, param)
 
 
 def per_layer_alone(optimizer: Any) -> None:
@@ -129,6 +123,6 @@ def per_layer_alone(optimizer: Any) -> None:
         if world > 1:
             raise ValueError(
                 f"per_layer: True is not compatible with data parallelism (world size {world}): each parameter "
-                "is updated in its gradient hook, before DistributedDataParallel averages the gradients, so the "
-                "ranks would diverge; use per_layer=False"
+                "is updated in its gradient hook, before DistributedDataParallel averages the gradients (or "
+                "FSDP2's fully_shard reduce-scatters them), so the ranks would diverge; use per_layer=False"
             )

@@ -58,10 +58,15 @@ def _images(params: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[torch.
 
 
 def _write_back(
-    params: list[torch.Tensor], work: list[torch.Tensor], rounding_seed: int | None, streams: Sequence[int] | None
+    params: list[torch.Tensor],
+    work: list[torch.Tensor],
+    rounding_seed: int | None,
+    streams: Sequence[int] | None,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Round the images back into the low-precision parameters: to nearest, or stochastically
-    (``lorenza_kernels.stochastic_round_``, parameter ``k`` from stream ``streams[k]``)."""
+    (``lorenza_kernels.stochastic_round_``, parameter ``k`` from stream ``streams[k]``, from index
+    ``offsets[k]`` on for a shard)."""
     low = [k for k, (p, w) in enumerate(zip(params, work)) if p is not w]
     if not low:
         return
@@ -71,7 +76,8 @@ def _write_back(
     if streams is None:
         raise ValueError("streams: required with rounding_seed")
     lk.stochastic_round_([params[k] for k in low], [work[k] for k in low], rounding_seed,
-                         streams=[streams[k] for k in low])  # fmt: skip
+                         streams=[streams[k] for k in low],
+                         offsets=None if offsets is None else [offsets[k] for k in low])  # fmt: skip
 
 
 @torch.no_grad()
@@ -89,12 +95,13 @@ def adamw_(
     weight_decay: float,
     rounding_seed: int | None = None,
     streams: Sequence[int] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """One AdamW step of every parameter; ``steps[i]`` is parameter i's step, counted from 1.
 
     All moments share one dtype; parameters and gradients may be of lower precision, updated on a
     float32 image and rounded back once: to nearest, or with ``rounding_seed`` stochastically
-    (parameter ``i`` from stream ``streams[i]``).
+    (parameter ``i`` from stream ``streams[i]``, from index ``offsets[i]`` on for a shard).
     """
     if not params:
         return
@@ -117,7 +124,8 @@ def adamw_(
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(work, ms, denom, [-(lr / b) for b in bc1])
         if copied:
-            _write_back(ps, work, rounding_seed, [streams[i] for i in idx] if streams is not None else None)
+            _write_back(ps, work, rounding_seed, [streams[i] for i in idx] if streams is not None else None,
+                        [offsets[i] for i in idx] if offsets is not None else None)  # fmt: skip
 
 
 @torch.no_grad()
@@ -135,6 +143,7 @@ def galore_adamw_(
     weight_decay: float,
     rounding_seed: int | None = None,
     streams: Sequence[int] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """galore-torch's update of the parameters outside the subspace (transformers' old AdamW):
     ``eps`` added to ``sqrt(V)`` before the bias correction, step size ``lr sqrt(bc2) / bc1``, and
@@ -165,4 +174,5 @@ def galore_adamw_(
         if weight_decay > 0.0:
             torch._foreach_add_(work, work, alpha=-lr * weight_decay)
         if copied:
-            _write_back(ps, work, rounding_seed, [streams[i] for i in idx] if streams is not None else None)
+            _write_back(ps, work, rounding_seed, [streams[i] for i in idx] if streams is not None else None,
+                        [offsets[i] for i in idx] if offsets is not None else None)  # fmt: skip

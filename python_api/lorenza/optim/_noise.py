@@ -10,6 +10,12 @@ The objects that apply a probe are components an optimizer holds, not methods it
 ``_subspace.SubspaceNoise`` perturbs LORENZA's projected matrices inside their subspaces.
 A :class:`Perturbation` remembers, as integers and floats only, what was applied, and removes it
 through the same component.
+
+Sharded parameters (FSDP2, ``_sharding.py``): a slot's ``data`` is its local shard and ``offset``
+the flat index of the shard's first element in the full tensor; the noise of every pass is the
+kernels' with ``offsets=[offset]``, so each rank perturbs and updates its rows with the noise the
+unsharded tensor has there. Squared norms computed on shards are partial sums (:meth:`partial`
+says which), added over the ranks with the probe losses' all-reduce (``_base._reduce``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 
 import lorenza_kernels as lk
 
+from . import _sharding
 from ._probe import ProbeMode, exact_probe_context
 
 __all__ = [
@@ -37,13 +44,37 @@ __all__ = [
 
 
 class Slot(NamedTuple):
-    """A trainable parameter as one step sees it: the tensor, its fixed stream, its group, and its
-    position ``index`` in that step's slot list."""
+    """A trainable parameter as one step sees it: the tensor, its fixed stream, its group, its
+    position ``index`` in that step's slot list, and for a sharded (FSDP2) parameter its shard."""
 
     param: torch.Tensor
     stream: int
     group: dict
     index: int
+    shard: _sharding.ShardInfo | None = None
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The tensor the kernels write: the parameter, or this rank's shard of it."""
+        return self.param if self.shard is None else self.shard.local
+
+    @property
+    def offset(self) -> int:
+        """Flat index of ``data``'s first element in the full parameter (0 unless sharded)."""
+        return 0 if self.shard is None else self.shard.offset
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """The gradient of ``data`` (the local shard of a sharded gradient)."""
+        g = self.param.grad
+        return g if g is None or self.shard is None else _sharding.local(g)
+
+
+def offsets_of(slots: Sequence[Slot]) -> list[int] | None:
+    """The kernels' ``offsets=`` for the slots' data: None when no slot is sharded (the fast path)."""
+    if all(s.shard is None for s in slots):
+        return None
+    return [s.offset for s in slots]
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -77,8 +108,10 @@ def seeded_axpby_slots_(
     gamma: float | Sequence[float] | None = None,
     rounding_seed: int | None = None,
     rounds: Sequence[bool] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k 1 a_k^T]`` with ``z_k`` from stream ``streams[k]``.
+    """``t_k <- beta_k t_k + alpha_k z_k [+ gamma_k 1 a_k^T]`` with ``z_k`` from stream ``streams[k]``
+    (from index ``offsets[k]`` on, for shards).
 
     One kernel call per device. A non-contiguous tensor (rare for parameters) goes through a
     contiguous copy. Called under ``torch.no_grad()`` by the optimizers (parameters are updated in
@@ -101,8 +134,9 @@ def seeded_axpby_slots_(
         rows = list(row_vectors) if row_vectors is not None else None
         rseed = rounding_seed if keys and keys[0][1] else None
         return lk.seeded_axpby_(
-            list(tensors), seed, alphas, betas, streams=streams, row_vectors=rows, gamma=gammas, rounding_seed=rseed
-        )
+            list(tensors), seed, alphas, betas, streams=streams, row_vectors=rows, gamma=gammas, rounding_seed=rseed,
+            offsets=offsets,
+        )  # fmt: skip
     work = [t.contiguous() if k in copies else t for k, t in enumerate(tensors)]
     norms = torch.empty(n, dtype=torch.float32, device=device)
     for key in dict.fromkeys(keys):
@@ -116,6 +150,7 @@ def seeded_axpby_slots_(
             row_vectors=[row_vectors[k] for k in idx] if row_vectors is not None else None,
             gamma=[gammas[k] for k in idx] if gammas is not None else None,
             rounding_seed=rounding_seed if key[1] else None,
+            offsets=[offsets[k] for k in idx] if offsets is not None else None,
         )
         norms[idx] = sq.to(device)
     for k in copies:
@@ -141,6 +176,10 @@ class Noise(Protocol):
         """``||P(seed, slot)||^2`` per slot, without touching any parameter."""
         ...
 
+    def partial(self, slots: Sequence[Slot]) -> list[bool]:
+        """Which of the norms above are this rank's part of a sum over the ranks (sharded slots)."""
+        ...
+
 
 class DenseNoise:
     """Full-space probes: ``P = z``, drawn from ``(seed, stream of the parameter)``."""
@@ -155,9 +194,11 @@ class DenseNoise:
         out: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if out is not None and len(out) == 1 and isinstance(beta, float):  # an exact probe's copy
-            return lk.seeded_axpby_(list(out), seed, list(alpha), beta, streams=[slots[0].stream])
-        tensors = [s.param for s in slots] if out is None else out
-        return seeded_axpby_slots_(tensors, [s.stream for s in slots], seed, alpha, beta)
+            # of the whole parameter (a sharded one's all-gathered value), or of a shard
+            o = [slots[0].offset] if out[0].numel() != slots[0].param.numel() else None
+            return lk.seeded_axpby_(list(out), seed, list(alpha), beta, streams=[slots[0].stream], offsets=o)
+        tensors = [s.data for s in slots] if out is None else out
+        return seeded_axpby_slots_(tensors, [s.stream for s in slots], seed, alpha, beta, offsets=offsets_of(slots))
 
     def update_(
         self,
@@ -170,13 +211,16 @@ class DenseNoise:
         """An update pass ``p <- beta p + alpha z`` that rounds low-precision parameters
         stochastically (those whose group keeps ``stochastic_rounding``) with ``rounding_seed``."""
         seeded_axpby_slots_(
-            [s.param for s in slots], [s.stream for s in slots], seed, alpha, beta,
-            rounding_seed=rounding_seed, rounds=[rounds_stochastically(s) for s in slots],
+            [s.data for s in slots], [s.stream for s in slots], seed, alpha, beta,
+            rounding_seed=rounding_seed, rounds=[rounds_stochastically(s) for s in slots], offsets=offsets_of(slots),
         )  # fmt: skip
 
     def norms(self, slots: Sequence[Slot], seed: int) -> torch.Tensor:
-        scratch = [torch.empty_like(s.param, memory_format=torch.contiguous_format) for s in slots]
-        return self.apply_(slots, seed, [1.0] * len(slots), 0.0, out=scratch)
+        scratch = [torch.empty_like(s.data, memory_format=torch.contiguous_format) for s in slots]
+        return seeded_axpby_slots_(scratch, [s.stream for s in slots], seed, 1.0, 0.0, offsets=offsets_of(slots))
+
+    def partial(self, slots: Sequence[Slot]) -> list[bool]:
+        return [s.shard is not None for s in slots]
 
 
 class MomentumNoise:
@@ -188,7 +232,7 @@ class MomentumNoise:
         self.state = state
 
     def _moments(self, slots: Sequence[Slot]) -> list[torch.Tensor | None]:
-        return [self.state.get(s.param, {}).get("exp_avg") for s in slots]
+        return [_sharding.local(self.state.get(s.param, {}).get("exp_avg")) for s in slots]
 
     def apply_(
         self,
@@ -201,9 +245,12 @@ class MomentumNoise:
     ) -> torch.Tensor:
         n = len(slots)
         betas = per_slot(beta, n, "beta")
-        targets = [s.param for s in slots] if out is None else list(out)
-        for t, m, a, b in zip(targets, self._moments(slots), alpha, betas):
+        targets = [s.data for s in slots] if out is None else list(out)
+        moments = self._moments(slots)
+        for t, m, a, b, s in zip(targets, moments, alpha, betas, slots):
             t = t.detach()
+            if m is not None and s.shard is not None and s.shard.world > 1 and t.numel() == s.param.numel():
+                m = _sharding.gather_full(m, s.shard)  # a sharded parameter's whole copy: its whole moment
             if b != 1.0:
                 t.mul_(b)
             if m is not None and a != 0.0:
@@ -219,6 +266,9 @@ class MomentumNoise:
             sq = torch._foreach_norm([moments[k] for k in live], 2, dtype=torch.float32)
             out[live] = torch.stack([x.to(device) for x in sq]).square()
         return out
+
+    def partial(self, slots: Sequence[Slot]) -> list[bool]:
+        return [s.shard is not None for s in slots]
 
 
 class Perturbation:
@@ -256,18 +306,25 @@ class Perturbation:
 
     def materializer(self, record: dict[int, torch.Tensor] | None = None):
         """``make(param)``: a new tensor holding the parameter plus this perturbation. With
-        ``record``, the first ``||P||^2`` of each slot is kept there (slot index -> 1-element tensor)."""
-        terms, noise = self.terms, self.noise
-        slots = {id(s.param): s for s in self.slots}
+        ``record``, the first ``||P||^2`` of each unsharded slot is kept there (slot index -> 1-element
+        tensor). ``param`` is a slot's parameter or the all-gathered value FSDP2 reads in its place
+        (:class:`ProbeTargets`): the copy is then the whole perturbed parameter. A DTensor that no
+        FSDP2 module gathers is copied as a DTensor whose shard carries its part of the noise."""
+        terms, noise, own = self.terms, self.noise, self.slots
+        slots = ProbeTargets(own).by_id
 
         def make(param: torch.Tensor) -> torch.Tensor:
-            slot = slots[id(param)]
+            slot = slots.get(id(param))
+            if slot is None:  # an FSDP2 parameter all-gathered for the first time since: look again
+                slots.update(ProbeTargets(own).by_id)
+                slot = slots[id(param)]
             out = param.detach().clone(memory_format=torch.contiguous_format)
+            data = _sharding.local(out)  # a DTensor parameter read as itself: its shard
             for seed, alphas in terms:
                 a = alphas[slot.index]
                 if a != 0.0:
-                    sq = noise.apply_([slot], seed, [a], out=[out])
-                    if record is not None and slot.index not in record:
+                    sq = noise.apply_([slot], seed, [a], out=[data])
+                    if record is not None and slot.index not in record and slot.shard is None:
                         record[slot.index] = sq
             return out
 
@@ -278,6 +335,48 @@ class Perturbation:
         place or without terms)."""
         if not self.exact or not self.terms:
             return contextlib.nullcontext()
-        params = [s.param for s in self.slots]
-        mode = ProbeMode(params, self.materializer(), differentiable=differentiable, linear=linear)
+        mode = ProbeTargets(self.slots).mode(self.materializer(), differentiable=differentiable, linear=linear)
         return exact_probe_context(mode)
+
+
+class ProbeTargets:
+    """The tensors an exact probe perturbs where they are read, each mapped to its slot: every
+    slot's parameter and, for a parameter sharded by FSDP2, the all-gathered parameter that the
+    module reads in its place during forward and backward (``_sharding.unsharded_alias``).
+
+    FSDP2 creates that tensor at a parameter's first all-gather (then reuses it): a sharded slot
+    without one yet is *pending*, and the :class:`ProbeMode` built by :meth:`mode` resolves it when
+    it meets a tensor it does not know, until no slot is pending (the first forward only)."""
+
+    def __init__(self, slots: Sequence[Slot]):
+        self.by_id: dict[int, Slot] = {}
+        self.tensors: list[torch.Tensor] = []
+        self.pending: list[Slot] = []
+        for s in slots:
+            self._add(s.param, s)
+            if s.shard is not None and _sharding.fsdp_param(s.param) is not None:
+                alias = _sharding.unsharded_alias(s.param)
+                if alias is None:
+                    self.pending.append(s)
+                else:
+                    self._add(alias, s)
+
+    def _add(self, t: torch.Tensor, slot: Slot) -> None:
+        self.by_id[id(t)] = slot
+        self.tensors.append(t)
+
+    def resolve(self) -> list[torch.Tensor]:
+        """The all-gathered tensors that appeared since the last call (now tracked)."""
+        found, still = [], []
+        for s in self.pending:
+            alias = _sharding.unsharded_alias(s.param)
+            if alias is None:
+                still.append(s)
+            else:
+                self._add(alias, s)
+                found.append(alias)
+        self.pending = still
+        return found
+
+    def mode(self, make, **kwargs) -> ProbeMode:
+        return ProbeMode(self.tensors, make, resolver=self if self.pending else None, **kwargs)

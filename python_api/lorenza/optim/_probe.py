@@ -125,6 +125,9 @@ class ProbeMode(TorchFunctionMode):
     ``linear``: optional fused ``F.linear`` for a tracked weight (``linear(x, weight, bias)`` or None
     to decline). With ``differentiable=True`` the copies carry the gradient to the parameters and are
     regenerated in the backward pass instead of being kept (see the module docstring).
+    ``resolver``: an object with ``pending`` and ``resolve() -> new tensors to track``, asked at each
+    call while it has pending entries (FSDP2 creates a parameter's all-gathered tensor at its first
+    all-gather, inside the forward: ``_noise.ProbeTargets``).
     """
 
     def __init__(
@@ -134,9 +137,11 @@ class ProbeMode(TorchFunctionMode):
         *,
         differentiable: bool = False,
         linear: Callable[..., torch.Tensor | None] | None = None,
+        resolver: Any = None,
     ):
         super().__init__()
         self.tracked = {id(p): p for p in params}
+        self.resolver = resolver
         self.make = make
         self.differentiable = differentiable
         self.linear = linear
@@ -182,6 +187,11 @@ class ProbeMode(TorchFunctionMode):
         # Runs for every torch function of the forward pass: the common case (no parameter among
         # the arguments) returns after one scan.
         kwargs = kwargs or {}
+        if self.resolver is not None:
+            for t in self.resolver.resolve():
+                self.tracked[id(t)] = t
+            if not self.resolver.pending:
+                self.resolver = None
         if func in _METADATA or not (self._reads_tracked(args) or (kwargs and self._reads_tracked(kwargs.values()))):
             return func(*args, **kwargs)
         if func in _RAW:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import _checks
+from . import _checks, _sharding
 from ._adam import adamw_slots_
 from ._base import SeededOptimizer, StepContext
 from ._noise import MomentumNoise, Perturbation, Slot
@@ -49,8 +49,9 @@ class AdaZoSAM(SeededOptimizer):
 
     Under ``torch.distributed`` only the probe losses are reduced here (one all-reduce of ``2 q``
     scalars per step); the gradient of the backward pass is expected to be averaged by
-    ``DistributedDataParallel``, as for any torch optimizer (FSDP's sharded parameters are not
-    supported yet).
+    ``DistributedDataParallel``, or reduce-scattered by FSDP2's ``fully_shard``, whose sharded
+    parameters each rank probes and updates on its shard (``docs/algorithms.md``, "Distributed
+    training").
 
     ``per_layer=True``: each parameter is restored (its share of ``eps`` removed), checked,
     updated and its gradient freed in its post-accumulate-grad hook, as soon as the backward pass
@@ -143,9 +144,11 @@ class AdaZoSAM(SeededOptimizer):
             probe_loss = self._ascend(ctx, closure, perturbation)
             if probe_loss is not None:  # skipped: non-finite probe
                 self._global["step"] = ctx.step
+                _sharding.resync([s.param for s in ctx.slots if s.shard is not None])
                 return probe_loss
         loss = self._gradient_pass.run(ctx, closure, perturbation)
         self._global["step"] = ctx.step
+        _sharding.resync([s.param for s in ctx.slots if s.shard is not None])
         return loss
 
     def _wants_ascent(self, ctx: StepContext) -> bool:

@@ -82,6 +82,10 @@ class GaLoreAdamW(SeededOptimizer):
     same SVD, same sketch seed).
     """
 
+    sharded_refusal = (
+        "the projector is rebuilt from an SVD of each whole gradient, and the sharded randomized SVD is not implemented"
+    )
+
     group_checks = {
         **SeededOptimizer.group_checks,
         "betas": _checks.betas,

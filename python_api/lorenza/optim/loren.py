@@ -15,11 +15,10 @@ import torch
 
 import lorenza_kernels as lk
 
-from . import _checks
+from . import _checks, _sharding
 from ._base import SeededOptimizer
 from ._functional import buckets
-from ._noise import Slot, rounds_stochastically, seeded_axpby_slots_
-from ._probe import ProbeMode
+from ._noise import ProbeTargets, Slot, offsets_of, rounds_stochastically, seeded_axpby_slots_
 from ._seeds import INIT_STEP, probe_seed
 
 __all__ = ["COVARIANCE_FORMS", "Loren"]
@@ -79,7 +78,14 @@ class Loren(SeededOptimizer):
     initialisation), instead of ``torch.randn``.
 
     Memory: MeZO's plus the momentum of the matrices plus the vectors ``a`` (and, during a step,
-    ``K`` column sums of length ``n`` per tensor). Non-finite query loss: the perturbation is
+    ``K`` column sums of length ``n`` per tensor).
+
+    Sharded parameters (FSDP2, ``docs/algorithms.md`` "Distributed training"): a matrix's rows are
+    split over the ranks and its ``a`` (one value per column) is whole on every rank; a 1-D
+    parameter's elements are its columns, so its ``a`` is split like it (a DTensor). ``p_k`` and the
+    column sums are per-shard partial sums (``seeded_loren_stats`` with offsets), added over the
+    ranks: ``p_k`` (and ``||a||^2`` of split vectors) in one all-reduce before the queries, the
+    covariance step's column sums (and norms) in one or two after them. Non-finite query loss: the perturbation is
     removed, nothing is updated, the skip counted and warned once. Returns the mean query loss.
 
     Default ``lr = 1e-6``, MeZO's: the update is a zeroth-order gradient estimate of MeZO's scale
@@ -141,17 +147,25 @@ class Loren(SeededOptimizer):
 
     def _init_states(self, slots: Sequence[Slot]) -> list[dict]:
         """The slots' states; the new ones get ``a = gaussian(n, probe_seed(seed, 0, 0), stream)``
-        (all in one kernel call) and, for matrices, a zero momentum buffer."""
+        (all in one kernel call) and, for matrices, a zero momentum buffer. A sharded 1-D parameter's
+        ``a`` is its shard's part of that vector (its columns are its elements), kept as a DTensor
+        split like the parameter; a matrix's is whole on every rank."""
         states = [self.state[s.param] for s in slots]
         new = [k for k, st in enumerate(states) if "a" not in st]
         if new:
+            split = [slots[k].shard is not None and slots[k].param.dim() < 2 for k in new]
             rows = [
-                torch.empty(lk.matrix_dims(slots[k].param)[1], dtype=torch.float32, device=slots[k].param.device)
-                for k in new
-            ]
-            seeded_axpby_slots_(rows, [slots[k].stream for k in new], probe_seed(self.seed, INIT_STEP, 0), 1.0, 0.0)
-            for k, a in zip(new, rows):
-                states[k]["a"] = a
+                torch.empty(
+                    lk.matrix_dims(slots[k].data if sp else slots[k].param)[1], dtype=torch.float32,
+                    device=slots[k].data.device,
+                )
+                for k, sp in zip(new, split)
+            ]  # fmt: skip
+            offs = [slots[k].offset if sp else 0 for k, sp in zip(new, split)]
+            seeded_axpby_slots_(rows, [slots[k].stream for k in new], probe_seed(self.seed, INIT_STEP, 0), 1.0, 0.0,
+                                offsets=offs if any(split) else None)  # fmt: skip
+            for k, a, sp in zip(new, rows, split):
+                states[k]["a"] = _sharding.sharded_like(slots[k].param.shape, a, slots[k].param) if sp else a
                 if slots[k].param.dim() >= 2:
                     states[k]["momentum_buffer"] = torch.zeros_like(
                         slots[k].param, dtype=self.state_dtype or slots[k].param.dtype,
@@ -163,36 +177,66 @@ class Loren(SeededOptimizer):
     def _stats(
         slots: Sequence[Slot], seed: int, rows: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``p_k`` and the column sums of ``u`` for every slot: one kernel call (shapes only are read)."""
+        """``p_k`` and the column sums of ``u`` for every slot: one kernel call (shapes only are read;
+        a shard's are its partial sums)."""
         if not slots:
             return torch.zeros(0), []
-        return lk.seeded_loren_stats([s.param.detach() for s in slots], seed, rows, streams=[s.stream for s in slots])
+        return lk.seeded_loren_stats(
+            [s.data.detach() for s in slots], seed, rows, streams=[s.stream for s in slots], offsets=offsets_of(slots)
+        )
 
     @staticmethod
     def _rounded_momentum_step(slots, bufs, lrs, decays, rounding_seed: int) -> None:
         """``X <- SR(X decay - lr M)`` for low-precision matrices: the arithmetic on float32 images
         (a bucket of at most ``BUCKET_NUMEL`` elements at a time), one stochastic rounding each."""
-        for idx in buckets(len(slots), [s.param.numel() for s in slots]):
-            params = [slots[i].param for i in idx]
+        for idx in buckets(len(slots), [s.data.numel() for s in slots]):
+            params = [slots[i].data for i in idx]
             work = [p.float() for p in params]
             torch._foreach_mul_(work, [decays[i] for i in idx])
             torch._foreach_add_(work, torch._foreach_mul([bufs[i] for i in idx], [-lrs[i] for i in idx]))
-            lk.stochastic_round_(params, work, rounding_seed, streams=[slots[i].stream for i in idx])
+            lk.stochastic_round_(params, work, rounding_seed, streams=[slots[i].stream for i in idx],
+                                 offsets=offsets_of([slots[i] for i in idx]))  # fmt: skip
 
     @staticmethod
-    def _materializer(slots, seed: int, mus, c, p, rows):
-        """``make(param)``: a copy of the parameter plus ``mu S(a) u`` of this query (exact probes)."""
+    def _materializer(slots, seed: int, mus, c, p, rows, full_rows):
+        """``make(param)``: a copy of the parameter plus ``mu S(a) u`` of this query (exact probes).
+        ``param`` may be the whole all-gathered value of a sharded parameter (``full_rows``: the whole
+        ``a``) or a DTensor read as itself (its shard gets its part)."""
         index = {id(s.param): i for i, s in enumerate(slots)}
+        targets = ProbeTargets(slots).by_id
 
         def make(param: torch.Tensor) -> torch.Tensor:
-            i = index[id(param)]
+            i = index.get(id(param))
+            if i is None:
+                hit = targets.get(id(param))
+                if hit is None:  # an FSDP2 parameter all-gathered for the first time since: look again
+                    targets.update(ProbeTargets(slots).by_id)
+                    hit = targets[id(param)]
+                i = hit.index
             out = param.detach().clone(memory_format=torch.contiguous_format)
+            data = _sharding.local(out)
+            whole = data.numel() == slots[i].param.numel()
             seeded_axpby_slots_(
-                [out], [slots[i].stream], seed, [mus[i]], 1.0, row_vectors=[rows[i]], gamma=[-mus[i] * c[i] * p[i]]
-            )
+                [data], [slots[i].stream], seed, [mus[i]], 1.0, row_vectors=[full_rows[i] if whole else rows[i]],
+                gamma=[-mus[i] * c[i] * p[i]], offsets=None if whole else [slots[i].offset],
+            )  # fmt: skip
             return out
 
         return make
+
+    @staticmethod
+    def _full_rows(slots: Sequence[Slot], rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every slot's whole ``a``: the split ones (sharded 1-D parameters) gathered, in one collective."""
+        split = [k for k, s in enumerate(slots) if s.shard is not None and s.param.dim() < 2]
+        out = list(rows)
+        if split:
+            full = _sharding.all_gather_rows(
+                [rows[k].reshape(-1, 1) for k in split], [slots[k].param.numel() for k in split],
+                slots[split[0]].shard.group,
+            )  # fmt: skip
+            for k, f in zip(split, full):
+                out[k] = f.reshape(-1)
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:
@@ -210,18 +254,26 @@ class Loren(SeededOptimizer):
         K = self._global["num_queries"]
         slots = self._slots()
         states = self._init_states(slots)
-        rows = [st["a"] for st in states]
+        rows = [_sharding.local(st["a"]) for st in states]
         seeds = [probe_seed(self.seed, t, k) for k in range(K)]
         stats = [self._stats(slots, seed, rows) for seed in seeds]
         n = len(slots)
-        # One host synchronisation for every scalar the kernel calls need: ||a||^2 and p_k.
-        scalars = (
-            torch.cat(
-                [torch.stack([r.square().sum() for r in rows])] + [ps.to(rows[0].device) for ps, _ in stats]
-            ).tolist()
-            if n
-            else []
-        )
+        # One host synchronisation for every scalar the kernel calls need: ||a||^2 and p_k (for
+        # sharded parameters, partial sums added over the ranks in one all-reduce first).
+        scalars = []
+        if n:
+            vec = torch.cat(
+                [torch.stack([r.double().square().sum() for r in rows])]
+                + [ps.to(rows[0].device, torch.float64) for ps, _ in stats]
+            )  # fmt: skip
+            split = [s.shard is not None and s.param.dim() < 2 for s in slots]
+            summed = [k for k in range(n) if split[k]]
+            summed += [n + k * n + i for k in range(K) for i in range(n) if slots[i].shard is not None]
+            if summed:
+                part = vec[summed].clone()
+                _sharding.all_reduce_(part, next(s.shard.group for s in slots if s.shard is not None))
+                vec[summed] = part
+            scalars = vec.tolist()
         m = [lk.matrix_dims(s.param)[0] for s in slots]
         s_ = [mi * a2 for mi, a2 in zip(m, scalars[:n])]
         damping = [float(s.group["damping"]) for s in slots]
@@ -235,26 +287,29 @@ class Loren(SeededOptimizer):
             """``x <- beta x + coef S(a) u_k`` for the slots ``subset`` (on their params, or ``on``);
             an update pass of the parameters gives ``rounding`` (its pass number) for stochastic rounding."""
             gamma = [-cf * c[i] * p[k][i] for cf, i in zip(coef, subset)]
-            tensors = [slots[i].param for i in subset] if on is None else [on[i] for i in subset]
+            tensors = [slots[i].data for i in subset] if on is None else [on[i] for i in subset]
             rseed = self._rounding_seed(t, rounding) if rounding is not None else None
             seeded_axpby_slots_(
                 tensors, [slots[i].stream for i in subset], seeds[k], coef, beta,
                 row_vectors=[rows[i] for i in subset], gamma=gamma, rounding_seed=rseed,
                 rounds=[rounds_stochastically(slots[i]) for i in subset] if rseed is not None else None,
+                offsets=offsets_of([slots[i] for i in subset]),
             )  # fmt: skip
 
         everyone = list(range(n))
         exact = self.probe == "exact"
+        full_rows = self._full_rows(slots, rows) if exact else rows
         losses, applied = [], None
         try:
             for k in range(K):
                 if exact:  # the parameters are never written: read perturbed where they are used
-                    with ProbeMode([s.param for s in slots], self._materializer(slots, seeds[k], mus, c, p[k], rows)):
-                        losses.append(self._probe_loss(closure))
+                    make = self._materializer(slots, seeds[k], mus, c, p[k], rows, full_rows)
+                    with ProbeTargets(slots).mode(make):
+                        losses.append(self._probe_loss(closure, slots))
                     continue
                 apply(everyone, k, mus)
                 applied = k
-                losses.append(self._probe_loss(closure))
+                losses.append(self._probe_loss(closure, slots))
                 if k + 1 < K:
                     apply(everyone, k, [-mu for mu in mus])
                     applied = None
@@ -269,6 +324,7 @@ class Loren(SeededOptimizer):
                 apply(everyone, K - 1, [-mu for mu in mus])
             self._skip(f"non-finite loss in a query ({f})")
             self._global["step"] = t
+            _sharding.resync([s.param for s in slots if s.shard is not None])
             return mean_loss
         self._global["step"] = t
         f_bar = sum(f) / K
@@ -293,7 +349,7 @@ class Loren(SeededOptimizer):
                     apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors], first, rounding=k)
             decayed = [i for i in matrices if decay[i] != 1.0 and i not in sr_matrices]
             for dk, members in _by_value(decayed, decay).items():
-                torch._foreach_mul_([slots[i].param for i in members], dk)
+                torch._foreach_mul_([slots[i].data for i in members], dk)
         else:
             # Restore the last query, decay, and (vectors) the last query's term: one pass.
             restore = [-decay[i] * mus[i] - (lrs[i] * w[last][i] if is_vec[i] else 0.0) for i in everyone]
@@ -302,13 +358,13 @@ class Loren(SeededOptimizer):
                 if vectors:
                     apply(vectors, k, [-lrs[i] * w[k][i] for i in vectors], rounding=k)
         if matrices:
-            bufs = [st.get("momentum_buffer") for st in states]
+            bufs = [_sharding.local(st.get("momentum_buffer")) for st in states]
             for k in range(K):
                 beta = [float(slots[i].group["momentum"]) for i in matrices] if k == 0 else 1.0
                 apply(matrices, k, [w[k][i] for i in matrices], beta, on=bufs)
             plain = [i for i in matrices if i not in sr_matrices]
             for lr, members in _by_value(plain, lrs).items():  # one call per learning rate, no temporary
-                torch._foreach_add_([slots[i].param for i in members], [bufs[i] for i in members], alpha=-lr)
+                torch._foreach_add_([slots[i].data for i in members], [bufs[i] for i in members], alpha=-lr)
             if sr_matrices:
                 self._rounded_momentum_step(
                     [slots[i] for i in sr_matrices], [bufs[i] for i in sr_matrices], [lrs[i] for i in sr_matrices],
@@ -335,12 +391,27 @@ class Loren(SeededOptimizer):
             scale = [
                 sum(cf[k] * (1.0 + c[i] * (p[k][i] ** 2 - s_[i])) for k in range(K)) * m[i] for cf, i in zip(coef, live)
             ]
-            a_list = [states[i]["a"] for i in live]
+            # a sharded matrix's column sums are its rows' part: add them over the ranks
+            rowsplit = [j for j, i in enumerate(live) if slots[i].shard is not None and slots[i].param.dim() >= 2]
+            cols = list(cols)
+            if rowsplit:
+                flat = torch.cat([cols[j] for j in rowsplit])
+                _sharding.all_reduce_(flat, slots[live[rowsplit[0]]].shard.group)
+                for j, piece in zip(rowsplit, flat.split([cols[j].numel() for j in rowsplit])):
+                    cols[j] = piece
+            a_list = [rows[i] for i in live]
             # the step a_new - a = -lr_cov g_a = lr_cov (scale a - cols), and its size relative to ||a||
             delta = torch._foreach_mul(a_list, [lc * sc for lc, sc in zip(lr_cov, scale)])
             torch._foreach_add_(delta, torch._foreach_mul(cols, [-lc for lc in lr_cov]))
-            a_norms = torch._foreach_norm(a_list)
-            d_norms = torch._foreach_norm(delta)
+            a_norms = list(torch._foreach_norm(a_list))
+            d_norms = list(torch._foreach_norm(delta))
+            split = [j for j, i in enumerate(live) if slots[i].shard is not None and slots[i].param.dim() < 2]
+            if split:  # a split vector's norms are over the ranks
+                sq = torch.stack([a_norms[j] for j in split] + [d_norms[j] for j in split]).double().square()
+                _sharding.all_reduce_(sq, slots[live[split[0]]].shard.group)
+                root = sq.sqrt().float()
+                for q, j in enumerate(split):
+                    a_norms[j], d_norms[j] = root[q], root[len(split) + q]
             if normalized:  # the direction of -g_a, a step of lr_cov ||a||: mu and the loss scale cancel
                 factors = torch._foreach_div(torch._foreach_mul(a_norms, lr_cov), torch._foreach_add(d_norms, 1e-30))
                 torch._foreach_mul_(delta, factors)
@@ -349,4 +420,5 @@ class Loren(SeededOptimizer):
             torch._foreach_add_(a_list, delta)
             for i, r in zip(live, rel):
                 states[i]["cov_step"] = r
+        _sharding.resync([s.param for s in slots if s.shard is not None])
         return mean_loss

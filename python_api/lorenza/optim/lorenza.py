@@ -77,6 +77,9 @@ class Lorenza(AdaZoSAM):
     """
 
     group_checks = {**AdaZoSAM.group_checks, **LOWRANK_GROUP_CHECKS, "residual_scale": _checks.non_negative}
+    sharded_refusal = (
+        "its subspace is rebuilt from an SVD of each whole gradient, and the sharded randomized SVD is not implemented"
+    )
     global_checks = {"num_probes": 1, "oversample": 0, "power_iters": 0}
     probe_spaces = PROBE_SPACES
     legacy_probe_space = "subspace"

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from . import _checks
+from . import _checks, _sharding
 from ._adam import adamw_slots_
 from ._base import SeededOptimizer
 from ._functional import buckets
-from ._noise import Slot, seeded_axpby_slots_
+from ._noise import Slot, offsets_of, seeded_axpby_slots_
 from ._seeds import probe_seed
 
 __all__ = ["MeZO", "MeZOAdam"]
@@ -108,6 +108,7 @@ class MeZO(_TwoSidedZO):
         for j in range(last):
             ctx.noise.update_(slots, seeds[j], [-lr * gi / q for lr, gi in zip(lrs, g[j])], 1.0,
                               self._rounding_seed(ctx.step, j))  # fmt: skip
+        _sharding.resync([s.param for s in slots if s.shard is not None])
         return loss
 
 
@@ -162,17 +163,19 @@ class MeZOAdam(_TwoSidedZO):
         slots, q = ctx.slots, len(seeds)
         if self.probe == "inplace":
             ctx.noise.apply_(slots, seeds[-1], mus)  # back from theta - mu z_last
-        for idx in buckets(len(slots), [s.param.numel() for s in slots]):
+        for idx in buckets(len(slots), [s.data.numel() for s in slots]):
             part = [slots[i] for i in idx]
             grads = self._estimate(part, seeds, [[g[j][s.index] / q for s in part] for j in range(q)])
             adamw_slots_(self.state, part, grads, self.state_dtype, rounding_seed=self._rounding_seed(ctx.step))
+        _sharding.resync([s.param for s in slots if s.shard is not None])
         return loss
 
     @staticmethod
     def _estimate(slots: Sequence[Slot], seeds: Sequence[int], coefs: Sequence[Sequence[float]]) -> list[torch.Tensor]:
-        """``sum_j coefs[j][i] z_j`` for every slot ``i``, float32: one kernel call per probe."""
-        bufs = [torch.empty(s.param.shape, dtype=torch.float32, device=s.param.device) for s in slots]
-        streams = [s.stream for s in slots]
+        """``sum_j coefs[j][i] z_j`` for every slot ``i``, float32: one kernel call per probe (a
+        sharded slot's shard only, with the noise of its global indices)."""
+        bufs = [torch.empty(s.data.shape, dtype=torch.float32, device=s.data.device) for s in slots]
+        streams, offsets = [s.stream for s in slots], offsets_of(slots)
         for j, seed in enumerate(seeds):
-            seeded_axpby_slots_(bufs, streams, seed, coefs[j], 0.0 if j == 0 else 1.0)
+            seeded_axpby_slots_(bufs, streams, seed, coefs[j], 0.0 if j == 0 else 1.0, offsets=offsets)
         return bufs

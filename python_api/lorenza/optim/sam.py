@@ -17,6 +17,11 @@ The calling convention is that of the widely used wrapper https://github.com/dav
   base optimizer not called), counted in ``skipped_steps`` and warned once.
 
 ``rho = 0`` reproduces the base optimizer exactly (the perturbation is zero and the restore a copy).
+
+FSDP2's sharded parameters (DTensors, ``docs/algorithms.md`` "Distributed training"): the ascent
+and the restore run on each rank's shard; ``||g||`` is the norm of the whole gradient (the shards'
+squared norms added over the ranks in one all-reduce) and the finiteness verdict is every rank's,
+so all ranks perturb alike and skip the same steps. The base optimizer sees the DTensors as usual.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 import torch
 
-from . import _checks
+from . import _checks, _sharding
 from ._backward import all_finite
 from .closure import as_loss, is_finite
 
@@ -98,6 +103,15 @@ class SAM(torch.optim.Optimizer):
     def _params_with_grad(self):
         return [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
 
+    def _shard_group(self) -> Any:
+        """The process group of FSDP2's mesh when a parameter is a sharded DTensor, else None."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                info = _sharding.shard_of(p)
+                if info is not None:
+                    return info.group
+        return None
+
     def _skip(self, reason: str) -> None:
         self._global["skipped"] += 1
         if not self._warned_skip:
@@ -114,15 +128,27 @@ class SAM(torch.optim.Optimizer):
         """``||g||`` (``|| |p| g ||`` for adaptive groups) over every parameter, accumulated in float32."""
         norms = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+            live = [p for p in group["params"] if p.grad is not None]
+            if not live:
                 continue
-            grads = [p.grad for p in params]
+            params = [_sharding.local(p) for p in live]  # a sharded parameter's shard
+            grads = [_sharding.local(p.grad) for p in live]
             if group["adaptive"]:
                 grads = torch._foreach_mul(torch._foreach_abs(params), grads)
             norms += torch._foreach_norm(grads, 2, dtype=torch.float32)
         device = self._params_with_grad()[0][0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        group = self._shard_group()
+        if group is None:
+            return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        # a shard's norm is its part: square, add over the ranks (every rank holds its shard of
+        # every parameter, and the replicated ones are not DTensors: counted on rank 0 only)
+        sharded = [_sharding.is_dtensor(p) for p, _ in self._params_with_grad()]
+        sq = torch.stack([n.to(device).double().square() for n in norms])
+        if not all(sharded) and torch.distributed.get_rank(group) != 0:
+            sq = sq * torch.tensor(sharded, dtype=sq.dtype, device=device)
+        total = sq.sum().reshape(1)
+        torch.distributed.all_reduce(total, group=group)
+        return total.sqrt().float().reshape(())
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -143,7 +169,8 @@ class SAM(torch.optim.Optimizer):
                 scale = group["rho"] / (grad_norm + 1e-12)
                 for p in params:
                     self.state[p]["old_p"] = p.detach().clone()
-                grads = [p.grad for p in params]
+                grads = [_sharding.local(p.grad) for p in params]
+                params = [_sharding.local(p) for p in params]
                 if group["adaptive"]:
                     grads = torch._foreach_mul(torch._foreach_pow(params, 2), grads)
                 by_dtype: dict[torch.dtype, list[int]] = {}
@@ -162,8 +189,8 @@ class SAM(torch.optim.Optimizer):
             for p in group["params"]:
                 old = self.state.get(p, {}).pop("old_p", None)
                 if old is not None:
-                    params.append(p)
-                    olds.append(old)
+                    params.append(_sharding.local(p))
+                    olds.append(_sharding.local(old))
         if params:
             torch._foreach_copy_(params, olds)
 
@@ -173,7 +200,7 @@ class SAM(torch.optim.Optimizer):
         self._restore()
         if self._skip_pending:
             self._skip_pending = False
-        elif not all_finite([p.grad for p, _ in self._params_with_grad()]):
+        elif not all_finite([p.grad for p, _ in self._params_with_grad()], self._shard_group()):
             self._skip("non-finite gradient in the second backward pass")
         else:
             self.base_optimizer.step()

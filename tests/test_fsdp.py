@@ -1,0 +1,187 @@
+"""FSDP2 (``fully_shard``) on CPU/gloo: every rank works on its shard with the noise of the shard's
+global indices, and the run equals one process on the unsharded model (same seed) to rounding.
+
+A tiny transformer sharded per block and at the root, over 2 and 3 ranks: uneven row shards
+(7 rows over 2 or 3 ranks, 10 over 3) and an empty one (a 2-element vector over 3 ranks). Each
+rank gets its share of the batch, as in data-parallel training; one process takes the whole batch
+(the mean of equal shares is the whole-batch mean, to float32 rounding). With the same batch on
+every rank, MeZO and MeZO-Adam are bitwise one process's. The low-rank optimizers and per-layer
+mode are refused at construction, naming the parameter or option (docs/algorithms.md,
+"Distributed training").
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from _optim_common import run_on_gloo_ranks, single_thread  # noqa: F401
+
+from lorenza.optim import SAM, AdaZoSAM, GaLoreAdamW, Loren, Lorenza, LorenzaPlus, MeZO, MeZOAdam, make_closure
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="gloo backend not available"),
+]
+
+STEPS, SEED = 3, 5
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d: int, ff: int):
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.fc1, self.fc2 = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, -1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        x = x + self.proj(att @ v)
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class Tiny(torch.nn.Module):
+    """Embedding (7 rows), two blocks, head (7 rows), and a 2-element ``mix`` (empty on rank 3 of 3)."""
+
+    def __init__(self, vocab: int = 7, d: int = 6, ff: int = 10):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.blocks = torch.nn.ModuleList(Block(d, ff) for _ in range(2))
+        self.head = torch.nn.Linear(d, vocab)
+        self.mix = torch.nn.Parameter(torch.tensor([1.0, 0.1]))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x) * self.mix[0] + self.mix[1]
+
+
+def data(n: int = 12, t: int = 5, vocab: int = 7):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (n, t), generator=g)
+    return ids, torch.roll(ids, -1, 1)
+
+
+def _mezo(ps, probe):
+    return MeZO(ps, lr=1e-2, mu=1e-2, num_probes=2, seed=SEED, probe=probe)
+
+
+CASES = {
+    "mezo": _mezo,
+    "mezo_adam": lambda ps, probe: MeZOAdam(ps, lr=1e-2, mu=1e-2, seed=SEED, probe=probe),
+    "loren": lambda ps, probe: Loren(ps, lr=1e-2, mu=1e-2, num_queries=3, lr_cov=1.0, seed=SEED, probe=probe),
+    # Adam's first steps are nearly lr sign(g): eps keeps gradient rounding from being amplified
+    "adazo_sam": lambda ps, probe: AdaZoSAM(
+        ps, lr=1e-2, mu=1e-2, num_probes=2, rho=0.1, eps=1e-3, seed=SEED, probe=probe
+    ),  # fmt: skip
+    "adazo_sam_momentum": lambda ps, probe: AdaZoSAM(
+        ps, lr=1e-2, mu=1e-2, rho=0.1, eps=1e-3, seed=SEED, probe=probe, probe_space="momentum"
+    ),  # fmt: skip
+    "sam": lambda ps, probe: SAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-2, eps=1e-3),
+    "adamw": lambda ps, probe: torch.optim.AdamW(ps, lr=1e-2, eps=1e-3),
+}
+RUNS = [(n, p) for n in ("mezo", "mezo_adam", "loren", "adazo_sam", "adazo_sam_momentum") for p in ("exact", "inplace")]
+RUNS += [("sam", "-"), ("adamw", "-")]
+ZEROTH_ORDER = {"mezo", "mezo_adam", "loren"}
+
+
+def _shard(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def train(name: str, probe: str, ids, tgt, sharded: bool, steps: int = STEPS):
+    model = Tiny()
+    if sharded:
+        _shard(model)
+    opt = CASES[name](list(model.parameters()), probe)
+
+    def loss_fn():
+        out = model(ids)
+        return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), tgt.reshape(-1))
+
+    def torch_closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    closure = torch_closure if name == "adamw" else make_closure(loss_fn)
+    losses = [float(opt.step(closure).detach()) for _ in range(steps)]
+    return [_full(p) for p in model.parameters()], losses, opt
+
+
+def _refusals() -> dict[str, str]:
+    out = {}
+    for name, cls in (("Lorenza", Lorenza), ("LorenzaPlus", LorenzaPlus), ("GaLoreAdamW", GaLoreAdamW)):
+        try:
+            cls(list(_shard(Tiny()).parameters()), lr=1e-3, rank=2)
+            out[name] = "no error"
+        except TypeError as e:
+            out[name] = str(e)
+    try:
+        AdaZoSAM(list(_shard(Tiny()).parameters()), lr=1e-3, per_layer=True)
+        out["per_layer"] = "no error"
+    except (TypeError, ValueError) as e:
+        out["per_layer"] = str(e)
+    return out
+
+
+def _rank_run(rank: int, world: int) -> dict:
+    ids, tgt = data()
+    mine = ids.chunk(world)[rank], tgt.chunk(world)[rank]
+    out = {}
+    for name, probe in RUNS:
+        params, losses, opt = train(name, probe, *mine, sharded=True)
+        out[(name, probe)] = (params, losses)
+    for name in ("mezo", "mezo_adam"):  # the whole batch on every rank
+        out[(name, "same")] = train(name, "exact", ids, tgt, sharded=True)[0]
+    params, _, opt = train("mezo_adam", "exact", *mine, sharded=True, steps=1)
+    st = next(iter(opt.state.values()))
+    out["state_types"] = [type(st["exp_avg"]).__name__, type(opt.param_groups[0]["params"][0]).__name__]
+    out["refusals"] = _refusals()
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_ranks_equal_one_process(world, tmp_path):
+    ranks = run_on_gloo_ranks(_rank_run, world, tmp_path)
+    ids, tgt = data()
+    start = [p.detach() for p in Tiny().parameters()]
+    for name, probe in RUNS:
+        single, single_losses, _ = train(name, probe, ids, tgt, sharded=False)
+        for r in ranks:
+            params, losses = r[(name, probe)]
+            for a, b in zip(params, single):
+                # float32 rounding: a mean of shares is not bitwise the whole-batch mean (and sums
+                # of shards' norms or column sums are added in another order)
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{name}/{probe}")
+            if name in ZEROTH_ORDER:  # the rank-averaged probe losses
+                assert losses == pytest.approx(single_losses, rel=1e-6, abs=1e-6), (name, probe)
+        assert any((a - b).abs().max() > 1e-3 for a, b in zip(single, start)), name
+    for name in ("mezo", "mezo_adam"):
+        single = train(name, "exact", ids, tgt, sharded=False)[0]
+        for r in ranks:
+            for a, b in zip(r[(name, "same")], single):
+                assert torch.equal(a, b), (name, (a - b).abs().max())
+    for r in ranks:
+        assert r["state_types"] == ["DTensor", "DTensor"]  # state laid out like the parameter
+        for name, msg in r["refusals"].items():
+            if name == "per_layer":
+                assert msg.startswith("per_layer:") and "use per_layer=False" in msg, msg
+            else:
+                assert msg.startswith("params[0]: a DTensor (FSDP2's fully_shard) is not supported by " + name), msg
+                assert "sharded randomized SVD" in msg, msg
