@@ -18,6 +18,7 @@ import torch.distributed as dist
 from _optim_common import run_on_gloo_ranks, single_thread  # noqa: F401
 
 from lorenza.optim import SAM, AdaZoSAM, GaLoreAdamW, Loren, Lorenza, LorenzaPlus, MeZO, MeZOAdam, make_closure
+from lorenza.optim._sharding import shard_of
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -103,12 +104,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def train(name: str, probe: str, ids, tgt, sharded: bool, steps: int = STEPS):
-    model = Tiny()
-    if sharded:
-        _shard(model)
-    opt = CASES[name](list(model.parameters()), probe)
-
+def _steps(model, opt, name: str, ids, tgt, steps: int) -> list[float]:
     def loss_fn():
         out = model(ids)
         return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), tgt.reshape(-1))
@@ -120,7 +116,19 @@ def train(name: str, probe: str, ids, tgt, sharded: bool, steps: int = STEPS):
         return loss
 
     closure = torch_closure if name == "adamw" else make_closure(loss_fn)
-    losses = [float(opt.step(closure).detach()) for _ in range(steps)]
+    return [float(opt.step(closure).detach()) for _ in range(steps)]
+
+
+def _build(name: str, probe: str, sharded: bool):
+    model = Tiny()
+    if sharded:
+        _shard(model)
+    return model, CASES[name](list(model.parameters()), probe)
+
+
+def train(name: str, probe: str, ids, tgt, sharded: bool, steps: int = STEPS):
+    model, opt = _build(name, probe, sharded)
+    losses = _steps(model, opt, name, ids, tgt, steps)
     return [_full(p) for p in model.parameters()], losses, opt
 
 
@@ -185,3 +193,56 @@ def test_fsdp2_ranks_equal_one_process(world, tmp_path):
             else:
                 assert msg.startswith("params[0]: a DTensor (FSDP2's fully_shard) is not supported by " + name), msg
                 assert "sharded randomized SVD" in msg, msg
+
+
+# --- checkpoints across world sizes ---------------------------------------------------------------
+
+RESUMED = ["mezo", "mezo_adam", "loren", "adazo_sam", "adazo_sam_momentum"]
+
+
+def _resume_run(rank: int, world: int) -> dict:
+    """Per optimizer: 2 sharded steps, ``full_state_dict`` and the whole parameters, 2 more sharded
+    steps; and one process's state after 2 steps loaded into a fresh sharded run, 2 more steps."""
+    ids, tgt = data()
+    mine = ids.chunk(world)[rank], tgt.chunk(world)[rank]
+    out = {}
+    for name in RESUMED:
+        model, opt = _build(name, "exact", sharded=True)
+        _steps(model, opt, name, *mine, 2)
+        saved = opt.full_state_dict(), {k: _full(v) for k, v in model.state_dict().items()}
+        _steps(model, opt, name, *mine, 2)
+        continued = [_full(p) for p in model.parameters()]
+        one, one_opt = _build(name, "exact", sharded=False)  # one process, whole batch, 2 steps
+        _steps(one, one_opt, name, ids, tgt, 2)
+        model, opt = _build(name, "exact", sharded=True)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), one.parameters()):
+                shard = shard_of(p)  # this rank's rows of q
+                shard.local.copy_(q[shard.row0 : shard.row0 + shard.local.shape[0]])
+        opt.load_state_dict(one_opt.state_dict())
+        kinds = sorted({type(v).__name__ for st in opt.state.values() for v in st.values()})
+        _steps(model, opt, name, *mine, 2)
+        out[name] = saved, continued, [_full(p) for p in model.parameters()], kinds
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_full_state_dict_resumes_on_another_world_size(world, tmp_path):
+    """A sharded run's ``full_state_dict`` resumed in one process continues as the sharded run does;
+    one process's ``state_dict`` loaded by ``world`` ranks continues as one process does."""
+    ranks = run_on_gloo_ranks(_resume_run, world, tmp_path)
+    ids, tgt = data()
+    for name in RESUMED:
+        (sd, msd), continued, from_one, kinds = ranks[0][name]
+        model, opt = _build(name, "exact", sharded=False)
+        model.load_state_dict(msd)
+        opt.load_state_dict(sd)
+        _steps(model, opt, name, ids, tgt, 2)
+        for a, b in zip(model.parameters(), continued):
+            torch.testing.assert_close(a.detach(), b, atol=1e-5, rtol=1e-5, msg=f"{name}: resumed on one rank")
+        four = train(name, "exact", ids, tgt, sharded=False, steps=4)[0]
+        for r in ranks:
+            for a, b in zip(r[name][2], four):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{name}: resumed on {world} ranks")
+        if name != "mezo":  # state cut into DTensors like the parameters (plus whole vectors, scalars)
+            assert "DTensor" in kinds, (name, kinds)

@@ -267,13 +267,29 @@ class SeededOptimizer(torch.optim.Optimizer):
         return self._global["skipped"]
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's layout plus a ``"lorenza"`` entry. Under FSDP2 each rank's state tensors are
+        ``DTensor``s laid out like their parameters (:meth:`full_state_dict` gathers them)."""
         sd = super().state_dict()
         sd["lorenza"] = dict(self._global)
         return sd
 
+    def full_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with every ``DTensor`` gathered into a whole tensor: the state dict
+        of one process on the unsharded model, to save from one rank and load with any number of
+        ranks (one included). A collective under FSDP2: every rank must call it."""
+        sd = self.state_dict()
+        sd["state"] = {
+            key: {k: v.full_tensor() if _sharding.is_dtensor(v) else v for k, v in value.items()}
+            for key, value in sd["state"].items()
+        }
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load groups, per-parameter state (dtypes kept, tensors copied to the parameters' devices)
-        and the global state (seed, step, skip counter, options)."""
+        and the global state (seed, step, skip counter, options). For FSDP2's sharded parameters a
+        whole state tensor of the parameter's shape (from :meth:`full_state_dict`, or one process)
+        is cut to this rank's rows and kept as a ``DTensor`` like the parameter; a ``DTensor`` (this
+        world size's :meth:`state_dict`) is kept as saved."""
         sd = dict(state_dict)
         glob = sd.pop("lorenza", None)
         if not isinstance(glob, dict):
@@ -293,7 +309,9 @@ class SeededOptimizer(torch.optim.Optimizer):
             if param is None:
                 raise ValueError(f"state_dict: state for parameter {key!r}, which no parameter group lists")
             self.state[param] = {
-                k: v.detach().to(param.device, copy=True) if isinstance(v, torch.Tensor) else v
+                k: _sharding.shard_like(v.detach().to(param.device, copy=True), param)
+                if isinstance(v, torch.Tensor)
+                else v
                 for k, v in value.items()
             }
         self._global = dict(glob)

@@ -52,6 +52,7 @@ __all__ = [
     "local",
     "resync",
     "shard_of",
+    "shard_like",
     "sharded_like",
     "unsharded_alias",
 ]
@@ -142,6 +143,19 @@ def sharded_like(full_shape: Sequence[int], loc: torch.Tensor, like: Any, dim: i
     full_shape = torch.Size(full_shape)
     stride = torch.empty(full_shape, device="meta").stride()
     return DTensor.from_local(loc, like.device_mesh, [Shard(dim)], run_check=False, shape=full_shape, stride=stride)
+
+
+def shard_like(value: torch.Tensor, param: Any) -> torch.Tensor:
+    """A loaded state tensor for ``param``: a plain tensor of a sharded parameter's whole shape
+    becomes this rank's rows of it, as a DTensor laid out like the parameter (a copy); anything
+    else (a DTensor already, a whole vector such as LOREN's ``a`` of a matrix, a scalar, the state
+    of a plain parameter) is returned as is."""
+    info = shard_of(param)
+    if info is None or is_dtensor(value) or value.dim() == 0 or value.shape != info.shape:
+        return value
+    rows = info.local.shape[0] if info.local.dim() else 0
+    loc = value[info.row0 : info.row0 + rows].clone(memory_format=torch.contiguous_format)
+    return sharded_like(info.shape, loc, param)
 
 
 def replicated_like(t: torch.Tensor, like: Any) -> Any:
