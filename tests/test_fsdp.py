@@ -246,3 +246,36 @@ def test_full_state_dict_resumes_on_another_world_size(world, tmp_path):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{name}: resumed on {world} ranks")
         if name != "mezo":  # state cut into DTensors like the parameters (plus whole vectors, scalars)
             assert "DTensor" in kinds, (name, kinds)
+
+
+# --- the example ------------------------------------------------------------------------------------
+
+
+def test_torchrun_example_saves_on_two_ranks_and_resumes_on_one(tmp_path):
+    """examples/fsdp_torchrun.py: 4 steps on 2 ranks, saved, 2 more in one process == 6 in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from _optim_common import _free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "examples", "fsdp_torchrun.py")
+    ckpt = str(tmp_path / "ckpt.pt")
+    path = os.pathsep.join([os.path.join(root, "python_api"), root, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # this checkout's lorenza
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    done = subprocess.run(
+        [*cmd, script, "--optimizer", "MeZOAdam", "--steps", "4", "--save", ckpt],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "saved" in done.stdout
+    sys.path.insert(0, os.path.join(root, "examples"))
+    try:
+        import fsdp_torchrun
+    finally:
+        sys.path.pop(0)
+    resumed = fsdp_torchrun.main(["--optimizer", "MeZOAdam", "--steps", "2", "--resume", ckpt])
+    straight = fsdp_torchrun.main(["--optimizer", "MeZOAdam", "--steps", "6"])
+    assert resumed == pytest.approx(straight, rel=1e-5)
