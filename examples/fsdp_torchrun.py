@@ -11,9 +11,9 @@ model with the same seed, to float rounding, whatever the number of ranks
 
 ``--save`` writes, from rank 0, the whole model and ``optimizer.full_state_dict()`` (one process's
 state dict); ``--resume`` loads it with any number of ranks, one included. Build the optimizer
-after ``fully_shard`` (it then holds FSDP2's DTensor parameters). LORENZA, Lorenza+ and
-GaLore-AdamW refuse sharded parameters (their SVD needs whole gradients), as does
-``per_layer=True``.
+after ``fully_shard`` (it then holds FSDP2's DTensor parameters). GaLore-AdamW needs
+``svd="randomized"`` (its bases then come from the sharded randomized SVD); LORENZA and Lorenza+
+refuse sharded parameters, as does ``per_layer=True``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lorenza.demo.model import LlamaLM, lm_loss, parse_size
-from lorenza.optim import SAM, AdaZoSAM, Loren, MeZO, MeZOAdam, make_closure
+from lorenza.optim import SAM, AdaZoSAM, GaLoreAdamW, Loren, MeZO, MeZOAdam, make_closure
 
 OPTIMIZERS = {
     "MeZO": lambda ps: MeZO(ps, lr=1e-3, mu=1e-3, num_probes=2, seed=0),
@@ -33,6 +33,8 @@ OPTIMIZERS = {
     "Loren": lambda ps: Loren(ps, lr=1e-3, mu=1e-3, num_queries=4, seed=0),
     "AdaZoSAM": lambda ps: AdaZoSAM(ps, lr=1e-3, mu=1e-3, rho=0.05, seed=0),
     "SAM": lambda ps: SAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-3),
+    # bases from the sharded randomized SVD: no rank gathers a gradient
+    "GaLoreAdamW": lambda ps: GaLoreAdamW(ps, lr=1e-3, rank=8, update_interval=10, svd="randomized", seed=0),
     "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
 }
 
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> float:
         def loss_fn(batch=batch):
             return lm_loss(model, batch)
 
-        if args.optimizer == "AdamW":
+        if args.optimizer in ("AdamW", "GaLoreAdamW"):
             optimizer.zero_grad()
             loss = loss_fn()
             loss.backward()

@@ -276,10 +276,14 @@ class SeededOptimizer(torch.optim.Optimizer):
     def full_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` with every ``DTensor`` gathered into a whole tensor: the state dict
         of one process on the unsharded model, to save from one rank and load with any number of
-        ranks (one included). A collective under FSDP2: every rank must call it."""
+        ranks (one included). A collective under FSDP2: every rank must call it. A snapshot: its
+        tensors are copies (``state_dict()``'s are the live state, as in torch)."""
         sd = self.state_dict()
         sd["state"] = {
-            key: {k: v.full_tensor() if _sharding.is_dtensor(v) else v for k, v in value.items()}
+            key: {
+                k: v.full_tensor() if _sharding.is_dtensor(v) else v.clone() if isinstance(v, torch.Tensor) else v
+                for k, v in value.items()
+            }
             for key, value in sd["state"].items()
         }
         return sd
@@ -309,12 +313,20 @@ class SeededOptimizer(torch.optim.Optimizer):
             if param is None:
                 raise ValueError(f"state_dict: state for parameter {key!r}, which no parameter group lists")
             self.state[param] = {
-                k: _sharding.shard_like(v.detach().to(param.device, copy=True), param)
+                k: _sharding.shard_like(
+                    v.detach().to(param.device, copy=True), param, self._row_split(param, k, v, value)
+                )
                 if isinstance(v, torch.Tensor)
                 else v
                 for k, v in value.items()
             }
         self._global = dict(glob)
+
+    def _row_split(self, param: torch.Tensor, key: str, value: torch.Tensor, entry: dict) -> bool:
+        """Whether the whole state tensor ``entry[key]`` of a parameter is split by rows like the
+        parameter under FSDP2 (each rank keeping its rows, :func:`_sharding.shard_like`): here the
+        tensors of the parameter's shape (moments, LOREN's momentum and the ``a`` of a vector)."""
+        return value.dim() > 0 and value.shape == param.shape
 
     def __getstate__(self) -> dict[str, Any]:
         st = super().__getstate__()

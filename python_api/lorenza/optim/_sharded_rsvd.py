@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lorenza_kernels import _ops
+from lorenza_kernels import _checks, _ops
 from lorenza_kernels.reference import rsvd as _ref
 
 __all__ = ["sharded_randomized_range"]
@@ -136,7 +136,7 @@ def sharded_randomized_range(
     n = A.shape[1]
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank: must be in [1, min(m, n) = {min(m, n)}] for a {m} x {n} matrix, got {rank}")
-    seed &= (1 << 64) - 1
+    seed = _checks.seed_to_int64(seed)  # the ops' encoding (0 <= seed < 2^64 checked)
     if side == "right":  # reference/rsvd.py: factor(A) then randomized_range
         k = _ref.sketch_width(rank, oversample, m, n)
         Y = _ops.rsvd_sketch(A[None], k, seed, [stream])[0]  # A_w Omega: this rank's rows of Y

@@ -34,7 +34,7 @@ import torch
 
 import lorenza_kernels as lk
 
-from . import _checks
+from . import _checks, _sharding
 from ._functional import buckets
 from ._noise import DenseNoise, Slot, rounds_stochastically, seeded_axpby_slots_
 from ._seeds import RESERVED_PROBE_BASE, probe_seed
@@ -216,12 +216,19 @@ class Subspace:
         due = [k for k, s in enumerate(slots) if s.index in plan.position]
         if due:
             lays = [plan.layouts[slots[k].index] for k in due]
-            bases = refresh_bases(
-                [grads[k].reshape(lo.m, lo.n) for k, lo in zip(due, lays)], [lo.rank for lo in lays],
-                [lo.side for lo in lays], svd=glob["svd"], seed=plan.seed,
-                streams=[plan.position[slots[k].index] for k in due], oversample=glob.get("oversample", 8),
+            whole = [j for j, k in enumerate(due) if slots[k].shard is None]
+            bases: list[Any] = [None] * len(due)
+            found = refresh_bases(
+                [grads[due[j]].reshape(lays[j].m, lays[j].n) for j in whole], [lays[j].rank for j in whole],
+                [lays[j].side for j in whole], svd=glob["svd"], seed=plan.seed,
+                streams=[plan.position[slots[due[j]].index] for j in whole], oversample=glob.get("oversample", 8),
                 power_iters=glob.get("power_iters", 1), factors=factors,
             )  # fmt: skip
+            for j, Q in zip(whole, found):
+                bases[j] = Q
+            for j, k in enumerate(due):  # FSDP2's row-sharded gradients: the sharded randomized SVD
+                if slots[k].shard is not None:
+                    bases[j] = self._sharded_basis(slots[k], grads[k], lays[j], plan, glob, factors)
             self._install(opt.state, [slots[k] for k in due], lays, bases, moment_transform)
         buckets: dict[tuple, list[int]] = {}
         for k, s in enumerate(slots):
@@ -238,20 +245,45 @@ class Subspace:
             self._projected_adam(opt.state, part, [grads[k] for k in members], lay, eps, scale, rseed)
 
     @staticmethod
+    def _sharded_basis(slot: Slot, grad: torch.Tensor, lay: Layout, plan: SubspacePlan, glob: dict, factors: bool):
+        """The basis of a row-sharded gradient (``_sharded_rsvd.py``): ``lorenza_kernels``'
+        randomized range of the whole gradient, to rounding, never gathered; the left basis comes
+        back as this rank's rows."""
+        from ._sharded_rsvd import sharded_randomized_range
+
+        if glob["svd"] != "randomized" or factors:  # refused at construction and load: a safeguard
+            raise ValueError("svd: sharded (FSDP2) parameters need svd='randomized' and no singular factors")
+        info = slot.shard
+        return sharded_randomized_range(
+            grad.reshape(-1, lay.n), lay.m, info.row0, lay.rank, side=lay.side, oversample=glob.get("oversample", 8),
+            power_iters=glob.get("power_iters", 1), seed=plan.seed, stream=plan.position[slot.index], group=info.group,
+        ).contiguous()  # fmt: skip
+
+    @staticmethod
     def _install(state, slots, lays, bases, moment_transform: str) -> None:
         carry: dict[str, list[tuple]] = {}
         for slot, lay, Q in zip(slots, lays, bases):
             st = state[slot.param]
             if isinstance(Q, tuple):  # (basis, the other side's singular vectors)
                 Q, st["factor"] = Q
+            info = slot.shard
             if "proj" not in st:
                 st["step"], st["updates"], st["refreshes"] = 0, 0, 0
-                st["exp_avg"] = torch.zeros(lay.moment_shape, dtype=torch.float32, device=slot.param.device)
-                st["exp_avg_sq"] = torch.zeros(lay.moment_shape, dtype=torch.float32, device=slot.param.device)
+                shape = lay.moment_shape
+                if info is not None and lay.side == "right":  # R = G Q: this rank's rows of R
+                    shape = (info.local.shape[0], lay.rank)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    st[key] = torch.zeros(shape, dtype=torch.float32, device=slot.param.device)
+                    if info is not None and lay.side == "right":
+                        st[key] = _sharding.sharded_like(lay.moment_shape, st[key], slot.param)
+            elif info is not None and moment_transform != "keep":  # refused at construction: a safeguard
+                raise ValueError(f"moment_transform: {moment_transform!r} is not supported with sharded parameters")
             elif moment_transform != "keep":
                 carry.setdefault(lay.side, []).append((st["exp_avg"], st["exp_avg_sq"], st["proj"], Q))
                 if moment_transform == "reset":
                     st["step"] = 0  # bias correction starts over
+            if info is not None and lay.side == "left":  # Q's rows follow the parameter's
+                Q = _sharding.sharded_like(lay.proj_shape, Q, slot.param)
             st["proj"] = Q
             st["refreshes"] += 1
         for side, items in carry.items():
@@ -261,6 +293,9 @@ class Subspace:
     def _projected_adam(
         state, slots, grads, lay: Layout, eps: float, scale: float, rounding_seed: int | None = None
     ) -> None:
+        if slots[0].shard is not None:
+            Subspace._sharded_projected_adam(state, slots, grads, lay, eps, scale, rounding_seed)
+            return
         group = slots[0].group
         params = [s.param for s in slots]
         work = [p if p.is_contiguous() else p.contiguous() for p in params]
@@ -278,9 +313,72 @@ class Subspace:
             if w is not p:
                 p.copy_(w)
 
+    @staticmethod
+    def _sharded_projected_adam(
+        state, slots, grads, lay: Layout, eps: float, scale: float, rounding_seed: int | None
+    ) -> None:
+        """The projected Adam step of row-sharded parameters (one shape, side and group): the right
+        side is the fused kernel on each rank's rows (``R = G Q`` has the gradient's rows); the left
+        side needs ``R = Q^T G``, a sum over the ranks (one all-reduce of every ``r x n`` of the
+        bucket), then Adam on the whole ``R`` (moments ``r x n`` on every rank) and each rank's
+        rows of ``Q N``: the reference's arithmetic (``lorenza_kernels/reference/projected_adam.py``)."""
+        group = slots[0].group
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        rscale = float(group.get("residual_scale", 0.0))
+        states = [state[s.param] for s in slots]
+        loc = _sharding.local
+        if lay.side == "right":
+            params = [s.data for s in slots]
+            lk.projected_adam_step_batched_(
+                params, [g.contiguous() for g in grads], [loc(st["proj"]) for st in states],
+                [loc(st["exp_avg"]) for st in states], [loc(st["exp_avg_sq"]) for st in states],
+                step=[st["step"] for st in states], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                scale=scale, side="right", residual_scale=rscale, rounding_seed=rounding_seed,
+                rounding_streams=[s.stream for s in slots] if rounding_seed is not None else None,
+                rounding_offsets=[s.offset for s in slots] if rounding_seed is not None else None,
+            )  # fmt: skip
+            return
+        G = [g.reshape(-1, lay.n).float() for g in grads]
+        Q = [loc(st["proj"]).float() for st in states]
+        R = torch.cat([(q.mT @ g).reshape(-1) for q, g in zip(Q, G)])
+        _sharding.all_reduce_(R, slots[0].shard.group)
+        R = list(R.view(len(slots), lay.rank, lay.n).unbind(0))
+        work, writes = [], []
+        for s, st, q, g, r in zip(slots, states, Q, G, R):
+            M, V = st["exp_avg"], st["exp_avg_sq"]
+            M.lerp_(r, 1.0 - beta1)
+            V.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
+            bc1, bc2 = 1.0 - beta1 ** st["step"], 1.0 - beta2 ** st["step"]
+            N = (M / bc1) / (V.sqrt() / bc2**0.5 + eps)
+            W = s.data.reshape(-1, lay.n)
+            W32 = W.float() if W.dtype != torch.float32 else W
+            W32.mul_(1.0 - lr * wd)
+            W32.add_(q @ N, alpha=-lr * scale)
+            if rscale != 0.0:
+                W32.add_(g - q @ r, alpha=-lr * rscale)
+            if W32 is not W:
+                work.append(W32)
+                writes.append(s)
+        if not writes:
+            return
+        if rounding_seed is not None:
+            lk.stochastic_round_(
+                [s.data.view(-1, lay.n) for s in writes], work, rounding_seed, streams=[s.stream for s in writes],
+                offsets=[s.offset for s in writes],
+            )  # fmt: skip
+        else:
+            for s, w in zip(writes, work):
+                s.data.view(-1, lay.n).copy_(w)
+
     def state_bytes(self) -> int:
         """Bytes of every tensor of the optimizer's state (the memory table's "optimizer state")."""
-        tensors = [v for st in self._owner().state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        tensors = [  # under FSDP2, this rank's
+            _sharding.local(v)
+            for st in self._owner().state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        ]
         return sum(v.numel() * v.element_size() for v in tensors)
 
 

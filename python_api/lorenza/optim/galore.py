@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from . import _checks
+import lorenza_kernels as lk
+
+from . import _checks, _sharding
 from ._adam import adamw_slots_
 from ._backward import LayerPass
 from ._base import SeededOptimizer, StepContext
@@ -80,11 +82,14 @@ class GaLoreAdamW(SeededOptimizer):
     backward" pattern. Not compatible with ``DistributedDataParallel``'s gradient averaging,
     which runs after the hooks; normal mode is (bases agree across ranks: same averaged gradient,
     same SVD, same sketch seed).
+
+    FSDP2 (``fully_shard``, ``docs/algorithms.md`` "Distributed training"): with ``svd="randomized"``
+    each basis comes from the sharded randomized SVD of the row-sharded gradient (never gathered,
+    ``_sharded_rsvd.py``), equal to one process's to rounding; ``svd="exact"`` is refused.
     """
 
-    sharded_refusal = (
-        "the projector is rebuilt from an SVD of each whole gradient, and the sharded randomized SVD is not implemented"
-    )
+    #: FSDP2: with svd="randomized" the bases come from the sharded randomized SVD; "exact" refuses.
+    sharded_refusal = "svd='exact' runs torch.linalg.svd on each whole gradient; use svd='randomized'"
 
     group_checks = {
         **SeededOptimizer.group_checks,
@@ -121,6 +126,8 @@ class GaLoreAdamW(SeededOptimizer):
         )  # fmt: skip
         self.group_checks["rank"]("rank", rank)  # checked even when galore-style groups leave it unused
         options = {"oversample": oversample, "power_iters": power_iters}
+        if svd == "randomized":  # FSDP2's sharded parameters: the sharded randomized SVD
+            self.sharded_refusal = None
         super().__init__(
             params, defaults, seed=seed, per_layer=per_layer, options=options, stochastic_rounding=stochastic_rounding
         )
@@ -143,12 +150,25 @@ class GaLoreAdamW(SeededOptimizer):
         glob = state_dict.get("lorenza") if isinstance(state_dict, dict) else None
         if isinstance(glob, dict):
             _checks.choice("state_dict['lorenza']['svd']", glob.get("svd"), SVDS)
+            sharded = any(_sharding.is_dtensor(p) for g in self.param_groups for p in g["params"])
+            if sharded and glob["svd"] != "randomized":
+                raise ValueError(
+                    f"state_dict: svd={glob['svd']!r} was saved, and this optimizer's parameters are sharded (FSDP2): "
+                    "only svd='randomized' works on sharded gradients"
+                )
         super().load_state_dict(state_dict)
         self._gradient_pass.active = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._subspace = Subspace(self)
+
+    def _row_split(self, param: torch.Tensor, key: str, value: torch.Tensor, entry: dict) -> bool:
+        # a projected parameter's rows: those of R = G Q (right side) or of Q (left side)
+        if "proj" not in entry:
+            return super()._row_split(param, key, value, entry)
+        side = lk.projection_side(*lk.matrix_dims(param))
+        return key == "proj" if side == "left" else key in ("exp_avg", "exp_avg_sq")
 
     def state_bytes(self) -> int:
         """Bytes of every tensor of the optimizer's state (the memory table's "optimizer state")."""

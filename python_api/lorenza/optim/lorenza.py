@@ -78,7 +78,8 @@ class Lorenza(AdaZoSAM):
 
     group_checks = {**AdaZoSAM.group_checks, **LOWRANK_GROUP_CHECKS, "residual_scale": _checks.non_negative}
     sharded_refusal = (
-        "its subspace is rebuilt from an SVD of each whole gradient, and the sharded randomized SVD is not implemented"
+        "its subspace and singular probes need both singular factors of each gradient, which the sharded "
+        "randomized SVD does not compute yet (GaLoreAdamW with svd='randomized' is supported)"
     )
     global_checks = {"num_probes": 1, "oversample": 0, "power_iters": 0}
     probe_spaces = PROBE_SPACES
