@@ -33,6 +33,8 @@ import torch.distributed as dist
 from lorenza_kernels import _checks, _ops
 from lorenza_kernels.reference import rsvd as _ref
 
+from . import _sharding
+
 __all__ = ["sharded_randomized_range"]
 
 
@@ -57,9 +59,7 @@ def _cholqr_pass(X: torch.Tensor, N: int, shift: bool, group: Any):
 
 def _gather_rows(X: torch.Tensor, N: int, group: Any) -> torch.Tensor:
     """The whole ``N x k`` matrix of the row shards ``X`` (ceil chunks): one all-gather."""
-    from ._sharding import all_gather_rows
-
-    return all_gather_rows([X], [N], group)[0]
+    return _sharding.all_gather_rows([X], [N], group)[0]
 
 
 def _orthonormalize_rows(X: torch.Tensor, N: int, row0: int, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +101,7 @@ def _fix_signs_rows(U: torch.Tensor, row0: int, group: Any) -> torch.Tensor:
         mine = torch.tensor([[-1.0, 0.0, 0.0]], dtype=torch.float64, device=U.device).expand(k, 3)
     world = dist.get_world_size(group)
     every = torch.empty(world * k * 3, dtype=torch.float64, device=U.device)
-    dist.all_gather_into_tensor(every, mine.contiguous().reshape(-1), group=group)
+    _sharding._all_gather_single(every, mine.contiguous().reshape(-1), group=group)
     every = every.view(world, k, 3)
     mag, row, val = every[..., 0], every[..., 1], every[..., 2]
     top = mag.amax(0, keepdim=True)

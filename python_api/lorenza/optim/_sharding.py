@@ -228,6 +228,12 @@ def resync(params: Sequence[Any]) -> None:
 # --- collectives ----------------------------------------------------------------------------------------
 
 
+def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
+    """``all_gather_single`` (the newer torch's name), else ``all_gather_into_tensor`` (deprecated there)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp, group=group)
+
+
 def all_reduce_(t: torch.Tensor, group: Any) -> torch.Tensor:
     """Sum over the ranks of ``group``, in place (float64 or float32 as given)."""
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
@@ -250,7 +256,7 @@ def all_gather_rows(parts: Sequence[torch.Tensor], rows: Sequence[int], group: A
         buf[pos : pos + p.numel()] = p.reshape(-1)
         pos += s
     out = torch.empty(world * sum(sizes), dtype=torch.float32, device=device)
-    dist.all_gather_into_tensor(out, buf, group=group)
+    _all_gather_single(out, buf, group=group)
     out = out.view(world, sum(sizes))
     fulls, pos = [], 0
     for m, c, w, s in zip(rows, chunks, widths, sizes):
@@ -308,7 +314,7 @@ def all_gather_cols(parts: Sequence[torch.Tensor], cols: Sequence[int], group: A
         buf[pos : pos + p.numel()] = p.t().reshape(-1)
         pos += s
     out = torch.empty(world * sum(sizes), dtype=torch.float32, device=device)
-    dist.all_gather_into_tensor(out, buf, group=group)
+    _all_gather_single(out, buf, group=group)
     out = out.view(world, sum(sizes))
     fulls, pos = [], 0
     for n, c, p, s in zip(cols, chunks, parts, sizes):
