@@ -132,6 +132,7 @@ def _gloo_worker(rank: int, world: int, port: int, out_dir: str, run) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         torch.save(run(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
     finally:
         dist.destroy_process_group()
 

@@ -58,10 +58,10 @@ __all__ = [
 ]
 
 try:  # torch built without distributed has no DTensor
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
-    Replicate = Shard = None  # type: ignore[assignment,misc]
+    Shard = None  # type: ignore[assignment,misc]
 
 
 class ShardInfo(NamedTuple):
@@ -161,11 +161,6 @@ def shard_like(value: torch.Tensor, param: Any, split: bool) -> torch.Tensor:
     rows = info.local.shape[0] if info.local.dim() else 0
     loc = value[info.row0 : info.row0 + rows].clone(memory_format=torch.contiguous_format)
     return sharded_like(value.shape, loc, param)
-
-
-def replicated_like(t: torch.Tensor, like: Any) -> Any:
-    """``t`` (the same on every rank) as a replicated DTensor on ``like``'s mesh."""
-    return DTensor.from_local(t, like.device_mesh, [Replicate()], run_check=False)
 
 
 # --- FSDP2's unsharded parameters ---------------------------------------------------------------------
