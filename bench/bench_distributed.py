@@ -18,7 +18,8 @@ Bytes are what a rank *receives* per step in a ring implementation of each colle
 ``2 (W - 1) / W`` of its input, all-gather ``(W - 1)`` times its input, reduce-scatter
 ``(W - 1) / W``), so the columns add up and compare.
 
-For GaLore-AdamW (``svd="randomized"``, rank 8, bases refreshed every 2 updates) the last column
+For GaLore-AdamW (``svd="randomized"``) and LORENZA (``probe_space="subspace"``), rank 8, bases
+refreshed every 2 updates (LORENZA: its first step builds them without an ascent), the last column
 is the alternative the sharded randomized SVD replaces: all-gathering each projected gradient at
 each refresh (every rank receives ``(W - 1) / W`` of each ``m x n`` matrix, then runs the SVD
 itself), averaged over the same steps. The lorenza column holds the sharded SVD's collectives plus,
@@ -46,7 +47,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-OPTIMIZERS = ["MeZO", "MeZOAdam", "Loren", "AdaZoSAM", "SAM", "AdamW", "GaLoreAdamW"]
+OPTIMIZERS = ["MeZO", "MeZOAdam", "Loren", "AdaZoSAM", "SAM", "AdamW", "GaLoreAdamW", "Lorenza"]
 COLLECTIVES = (
     "all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single",
 )  # fmt: skip
@@ -54,7 +55,7 @@ RANK, INTERVAL = 8, 2
 
 
 def _build(name: str, params):
-    from lorenza.optim import SAM, AdaZoSAM, GaLoreAdamW, Loren, MeZO, MeZOAdam
+    from lorenza.optim import SAM, AdaZoSAM, GaLoreAdamW, Loren, Lorenza, MeZO, MeZOAdam
 
     return {
         "MeZO": lambda: MeZO(params, lr=1e-3, mu=1e-3, num_probes=1, seed=0),
@@ -64,6 +65,9 @@ def _build(name: str, params):
         "SAM": lambda: SAM(params, torch.optim.AdamW, rho=0.05, lr=1e-3),
         "AdamW": lambda: torch.optim.AdamW(params, lr=1e-3),
         "GaLoreAdamW": lambda: GaLoreAdamW(params, lr=1e-3, rank=RANK, update_interval=INTERVAL, svd="randomized"),
+        "Lorenza": lambda: Lorenza(
+            params, lr=1e-3, mu=1e-3, rho=0.05, rank=RANK, update_interval=INTERVAL, probe_space="subspace"
+        ),  # fmt: skip
     }[name]()
 
 
@@ -165,7 +169,7 @@ def _run(rank: int, world: int, steps: int, size: str, names: list[str]) -> dict
         state = _local_bytes(v for st in states for v in st.values())
         grads = held[0]
         gather = 0
-        if name == "GaLoreAdamW" and world > 1:  # the alternative: all-gather each projected gradient
+        if name in ("GaLoreAdamW", "Lorenza") and world > 1:  # the alternative: all-gather each projected gradient
             import lorenza_kernels as lk
 
             refreshes = len(range(0, steps, INTERVAL))  # at updates 0, INTERVAL, ...

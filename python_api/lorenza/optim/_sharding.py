@@ -261,10 +261,11 @@ def all_gather_rows(parts: Sequence[torch.Tensor], rows: Sequence[int], group: A
     return fulls
 
 
-def gather_full(loc: torch.Tensor, info: ShardInfo) -> torch.Tensor:
-    """The whole tensor (``info.shape``, ``loc``'s dtype) whose row shard on this rank is ``loc`` (laid out
-    like the parameter of ``info``): one all-gather, every rank of the group must call it."""
-    shape = info.shape
+def gather_full(loc: torch.Tensor, info: ShardInfo, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """The whole tensor (``loc``'s dtype) whose row shard on this rank is ``loc``, split like the
+    parameter of ``info``: of the parameter's shape, or of ``shape`` (as many rows, other columns,
+    such as a left basis ``m x r``). One all-gather; every rank of the group must call it."""
+    shape = torch.Size(info.shape if shape is None else shape)
     rows = shape[0] if len(shape) else 1
     width = math.prod(shape[1:]) if len(shape) >= 2 else 1
     return all_gather_rows([loc.float().reshape(-1, width)], [rows], info.group)[0].view(shape).to(loc.dtype)

@@ -157,6 +157,16 @@ def refresh_bases(
     return [Q if Q.is_contiguous() else Q.contiguous() for Q in bases]
 
 
+def row_split(param: torch.Tensor, key: str, entry: dict) -> bool | None:
+    """Which state tensors of a projected parameter follow its rows under FSDP2 (the optimizers'
+    ``_row_split``): those of ``R = G Q`` (right side) or of ``Q`` (left side); None for a dense
+    parameter (no ``proj``: the base rule)."""
+    if "proj" not in entry:
+        return None
+    side = lk.projection_side(*lk.matrix_dims(param))
+    return key == "proj" if side == "left" else key in ("exp_avg", "exp_avg_sq")
+
+
 class Subspace:
     """The bases and projected Adam moments of an optimizer's matrices (a component it holds).
 
@@ -276,8 +286,8 @@ class Subspace:
                     st[key] = torch.zeros(shape, dtype=torch.float32, device=slot.param.device)
                     if info is not None and lay.side == "right":
                         st[key] = _sharding.sharded_like(lay.moment_shape, st[key], slot.param)
-            elif info is not None and moment_transform != "keep":  # refused at construction: a safeguard
-                raise ValueError(f"moment_transform: {moment_transform!r} is not supported with sharded parameters")
+            elif info is not None and moment_transform != "keep":
+                Subspace._sharded_transform(st, lay, Q, info, moment_transform)
             elif moment_transform != "keep":
                 carry.setdefault(lay.side, []).append((st["exp_avg"], st["exp_avg_sq"], st["proj"], Q))
                 if moment_transform == "reset":
@@ -312,6 +322,27 @@ class Subspace:
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
+
+    @staticmethod
+    def _sharded_transform(st: dict, lay: Layout, Q: torch.Tensor, info: Any, mode: str) -> None:
+        """The moment transform of a row-sharded matrix's refresh (``moment_transform_``'s reference
+        arithmetic): ``O = Q_new^T Q_old`` is whole from whole right bases, and a sum over the ranks
+        (one ``r x r`` all-reduce) from the rows of left bases; the right moments are this rank's
+        rows, the left ones whole."""
+        M, V = _sharding.local(st["exp_avg"]), _sharding.local(st["exp_avg_sq"])
+        if mode == "reset":
+            M.zero_()
+            V.zero_()
+            st["step"] = 0  # bias correction starts over
+            return
+        O = Q.float().t() @ _sharding.local(st["proj"]).float()  # noqa: E741 - r x r, docs/algorithms.md's O
+        if lay.side == "left":
+            _sharding.all_reduce_(O, info.group)
+            M.copy_(O @ M.float())
+            V.copy_((O * O) @ V.float())
+        else:
+            M.copy_(M.float() @ O.t())
+            V.copy_(V.float() @ (O * O).t())
 
     @staticmethod
     def _sharded_projected_adam(
@@ -419,26 +450,35 @@ class SubspaceNoise:
         n = len(slots)
         alphas = list(alpha)
         betas = [float(beta)] * n if isinstance(beta, (int, float)) else list(beta)
-        targets = [s.param for s in slots] if out is None else list(out)
+        # a sharded slot's target: its rows (in place), or the whole all-gathered parameter (an
+        # exact probe's copy, ``_noise.ProbeTargets``)
+        targets = [s.data for s in slots] if out is None else list(out)
+        whole = [s.shard is None or t.numel() == s.param.numel() for s, t in zip(slots, targets)]
         dense, projected = self._split(slots)
         device = slots[0].param.device if n else torch.device("cpu")
         norms = torch.zeros(n, dtype=torch.float32, device=device)
         if dense:
+            offsets = [0 if whole[k] else slots[k].offset for k in dense]
             sq = seeded_axpby_slots_(
                 [targets[k] for k in dense], [slots[k].stream for k in dense], seed,
-                [alphas[k] for k in dense], [betas[k] for k in dense],
+                [alphas[k] for k in dense], [betas[k] for k in dense], offsets=offsets if any(offsets) else None,
             )  # fmt: skip
             norms[dense] = sq.to(device)
         state = self.subspace._owner().state
         layouts = self.plan.layouts
         for part, noise, sq in self._noise(slots, projected, seed):
-            norms[part] = sq.to(device)
+            norms[part] = sq.to(device)  # U is generated whole on every rank: a whole norm
             for k, u in zip(part, noise):
                 st = state[slots[k].param]
                 lay = layouts[slots[k].index]
-                left, right = self._factors(st, lay, u)
+                left, right = self._factors(st, lay, u, slots[k].shard, whole[k])
                 self._add_product(targets[k], left, right, lay, alphas[k], betas[k])
         return norms
+
+    def partial(self, slots: Sequence[Slot]) -> list[bool]:
+        """Sharded dense slots' norms are this rank's part; a projected slot's ``U`` is whole."""
+        layouts = self.plan.layouts
+        return [s.shard is not None and layouts[s.index] is None for s in slots]
 
     def norms(self, slots: Sequence[Slot], seed: int) -> torch.Tensor:
         n = len(slots)
@@ -474,9 +514,18 @@ class SubspaceNoise:
             sq = seeded_axpby_slots_(us, [slots[k].stream for k in part], seed, 1.0, 0.0)
             yield part, us, sq
 
-    def _factors(self, st: dict, lay: Layout, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(L, M)`` with ``P = L M^T``: ``L`` is ``m x r``, ``M`` is ``n x r``."""
+    def _factors(
+        self, st: dict, lay: Layout, u: torch.Tensor, shard: Any = None, whole: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, M)`` with ``P = L M^T``: ``L`` is ``m x r`` (a sharded target's rows of it), ``M``
+        is ``n x r``."""
         Q = st["proj"]
+        if shard is not None:  # FSDP2 (probe_space "subspace" only: refused otherwise)
+            Q = _sharding.local(Q)
+            if lay.side == "left":  # Q's rows are sharded: gathered for a whole target
+                return (_sharding.gather_full(Q, shard, (lay.m, lay.rank)) if whole else Q), u.t()
+            rows = slice(0, lay.m) if whole else slice(shard.row0, shard.row0 + shard.local.shape[0])
+            return u[rows], Q
         if self.space == "singular":
             F = st["factor"]
             # right side: Q = V (n x r), F = U (m x r); left side: Q = U, F = V
@@ -491,7 +540,7 @@ class SubspaceNoise:
         """``W <- beta W + alpha left right^T`` in place on the ``m x n`` view of ``target``."""
         p = target.detach()
         work = p if p.is_contiguous() else p.contiguous()
-        W = work.view(lay.m, lay.n)
+        W = work.view(-1, lay.n)  # m x n, or a shard's rows
         if W.dtype != left.dtype:
             left, right = left.to(W.dtype), right.to(W.dtype)
         W.addmm_(left, right.t(), beta=beta, alpha=alpha)

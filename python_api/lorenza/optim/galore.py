@@ -12,15 +12,13 @@ from typing import Any
 
 import torch
 
-import lorenza_kernels as lk
-
 from . import _checks, _sharding
 from ._adam import adamw_slots_
 from ._backward import LayerPass
 from ._base import SeededOptimizer, StepContext
 from ._functional import galore_adamw_
 from ._noise import DenseNoise, Slot
-from ._subspace import LOWRANK_GROUP_CHECKS, SVDS, Subspace, group_default_rank
+from ._subspace import LOWRANK_GROUP_CHECKS, SVDS, Subspace, group_default_rank, row_split
 from .closure import as_loss
 
 __all__ = ["GaLoreAdamW"]
@@ -164,11 +162,8 @@ class GaLoreAdamW(SeededOptimizer):
         self._subspace = Subspace(self)
 
     def _row_split(self, param: torch.Tensor, key: str, value: torch.Tensor, entry: dict) -> bool:
-        # a projected parameter's rows: those of R = G Q (right side) or of Q (left side)
-        if "proj" not in entry:
-            return super()._row_split(param, key, value, entry)
-        side = lk.projection_side(*lk.matrix_dims(param))
-        return key == "proj" if side == "left" else key in ("exp_avg", "exp_avg_sq")
+        split = row_split(param, key, entry)
+        return super()._row_split(param, key, value, entry) if split is None else split
 
     def state_bytes(self) -> int:
         """Bytes of every tensor of the optimizer's state (the memory table's "optimizer state")."""

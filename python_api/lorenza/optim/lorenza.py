@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import _checks
+from . import _checks, _sharding
 from ._adam import adamw_slots_
 from ._base import StepContext
 from ._noise import Slot
@@ -23,6 +23,7 @@ from ._subspace import (
     Subspace,
     SubspaceNoise,
     group_default_rank,
+    row_split,
 )
 from .adazo_sam import AdaZoSAM
 
@@ -74,12 +75,17 @@ class Lorenza(AdaZoSAM):
     the rest; during a probe application the ``R``-shaped noise of a bucket of matrices (at most
     ``_functional.BUCKET_NUMEL`` numbers). ``per_layer``, DDP, skips, schedulers and ``state_dict``
     behave as in :class:`AdaZoSAM`.
+
+    FSDP2 (``fully_shard``, ``docs/algorithms.md`` "Distributed training"): supported with
+    ``probe_space="subspace"`` and ``svd="randomized"`` (bases from the sharded randomized SVD);
+    the default ``probe_space="singular"`` is refused (it needs both singular factors).
     """
 
     group_checks = {**AdaZoSAM.group_checks, **LOWRANK_GROUP_CHECKS, "residual_scale": _checks.non_negative}
+    #: FSDP2: supported with probe_space="subspace" and svd="randomized" (set per instance).
     sharded_refusal = (
-        "its subspace and singular probes need both singular factors of each gradient, which the sharded "
-        "randomized SVD does not compute yet (GaLoreAdamW with svd='randomized' is supported)"
+        "probe_space='singular' needs both singular factors of each gradient, which the sharded randomized SVD "
+        "does not compute; use probe_space='subspace' (and svd='randomized')"
     )
     global_checks = {"num_probes": 1, "oversample": 0, "power_iters": 0}
     probe_spaces = PROBE_SPACES
@@ -125,6 +131,10 @@ class Lorenza(AdaZoSAM):
             self.group_checks[key](key, value)
         _checks.choice("svd", svd, SVDS)
         options = {"num_probes": num_probes, "oversample": oversample, "power_iters": power_iters}
+        if probe_space == "subspace" and svd == "randomized":  # FSDP2: the sharded randomized SVD
+            self.sharded_refusal = None
+        elif probe_space == "subspace":
+            self.sharded_refusal = "svd='exact' runs torch.linalg.svd on each whole gradient; use svd='randomized'"
         # AdaZoSAM.__init__ would drop the low-rank keys: go straight to SeededOptimizer's.
         super(AdaZoSAM, self).__init__(
             params, defaults, seed=seed, per_layer=per_layer, options=options, probe=probe,
@@ -138,11 +148,22 @@ class Lorenza(AdaZoSAM):
         if isinstance(glob, dict):
             _checks.choice("state_dict['lorenza']['moment_transform']", glob.get("moment_transform"), MOMENT_TRANSFORMS)
             _checks.choice("state_dict['lorenza']['svd']", glob.get("svd"), SVDS)
+            sharded = any(_sharding.is_dtensor(p) for g in self.param_groups for p in g["params"])
+            saved = (glob.get("probe_space", self.legacy_probe_space), glob["svd"])
+            if sharded and saved != ("subspace", "randomized"):
+                raise ValueError(
+                    f"state_dict: probe_space={saved[0]!r}, svd={saved[1]!r} were saved, and this optimizer's "
+                    "parameters are sharded (FSDP2): only probe_space='subspace' with svd='randomized' works on them"
+                )
         super().load_state_dict(state_dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._subspace = Subspace(self)
+
+    def _row_split(self, param: torch.Tensor, key: str, value: torch.Tensor, entry: dict) -> bool:
+        split = row_split(param, key, entry)
+        return super()._row_split(param, key, value, entry) if split is None else split
 
     def state_bytes(self) -> int:
         """Bytes of every tensor of the optimizer's state (the memory table's "optimizer state")."""
