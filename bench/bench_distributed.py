@@ -18,7 +18,7 @@ Bytes are what a rank *receives* per step in a ring implementation of each colle
 ``2 (W - 1) / W`` of its input, all-gather ``(W - 1)`` times its input, reduce-scatter
 ``(W - 1) / W``), so the columns add up and compare.
 
-For GaLore-AdamW (``svd="randomized"``) and LORENZA (``probe_space="subspace"``), rank 8, bases
+For GaLore-AdamW (``svd="randomized"``) and LORENZA (its default singular probes), rank 8, bases
 refreshed every 2 updates (LORENZA: its first step builds them without an ascent), the last column
 is the alternative the sharded randomized SVD replaces: all-gathering each projected gradient at
 each refresh (every rank receives ``(W - 1) / W`` of each ``m x n`` matrix, then runs the SVD
@@ -65,9 +65,7 @@ def _build(name: str, params):
         "SAM": lambda: SAM(params, torch.optim.AdamW, rho=0.05, lr=1e-3),
         "AdamW": lambda: torch.optim.AdamW(params, lr=1e-3),
         "GaLoreAdamW": lambda: GaLoreAdamW(params, lr=1e-3, rank=RANK, update_interval=INTERVAL, svd="randomized"),
-        "Lorenza": lambda: Lorenza(
-            params, lr=1e-3, mu=1e-3, rho=0.05, rank=RANK, update_interval=INTERVAL, probe_space="subspace"
-        ),  # fmt: skip
+        "Lorenza": lambda: Lorenza(params, lr=1e-3, mu=1e-3, rho=0.05, rank=RANK, update_interval=INTERVAL),
     }[name]()
 
 

@@ -12,8 +12,8 @@ model with the same seed, to float rounding, whatever the number of ranks
 ``--save`` writes, from rank 0, the whole model and ``optimizer.full_state_dict()`` (one process's
 state dict); ``--resume`` loads it with any number of ranks, one included. Build the optimizer
 after ``fully_shard`` (it then holds FSDP2's DTensor parameters). GaLore-AdamW needs
-``svd="randomized"`` and LORENZA ``probe_space="subspace"`` (their bases then come from the sharded
-randomized SVD); ``per_layer=True`` is refused.
+``svd="randomized"`` (LORENZA's default: the bases then come from the sharded randomized SVD);
+``per_layer=True`` is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ OPTIMIZERS = {
     "SAM": lambda ps: SAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-3),
     # bases from the sharded randomized SVD: no rank gathers a gradient
     "GaLoreAdamW": lambda ps: GaLoreAdamW(ps, lr=1e-3, rank=8, update_interval=10, svd="randomized", seed=0),
-    "Lorenza": lambda ps: Lorenza(ps, lr=1e-3, mu=1e-3, rho=0.05, rank=8, update_interval=10, probe_space="subspace"),
+    "Lorenza": lambda ps: Lorenza(ps, lr=1e-3, mu=1e-3, rho=0.05, rank=8, update_interval=10),
     "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
 }
 

@@ -66,6 +66,11 @@ def data(n: int = 12, t: int = 5, vocab: int = 7):
     return ids, torch.roll(ids, -1, 1)
 
 
+#: LORENZA's settings: rank 2 < min(m, n) for every matrix (fc2, 6 x 10, is projected on the left,
+#: the others on the right), a refresh at steps 1 and 3.
+LOW = dict(lr=1e-2, mu=1e-2, rho=0.1, rank=2, update_interval=2, eps=1e-3, seed=SEED)
+
+
 def _mezo(ps, probe):
     return MeZO(ps, lr=1e-2, mu=1e-2, num_probes=2, seed=SEED, probe=probe)
 
@@ -83,38 +88,18 @@ CASES = {
     ),  # fmt: skip
     "sam": lambda ps, probe: SAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-2, eps=1e-3),
     "adamw": lambda ps, probe: torch.optim.AdamW(ps, lr=1e-2, eps=1e-3),
-    # rank 2 < min(m, n) for every matrix: fc2 (6 x 10) is projected on the left, the others on the right
-    "lorenza": lambda ps, probe: Lorenza(
-        ps,
-        lr=1e-2,
-        mu=1e-2,
-        rho=0.1,
-        rank=2,
-        update_interval=2,
-        eps=1e-3,
-        probe_space="subspace",
-        seed=SEED,
-        probe=probe,
-    ),  # fmt: skip
-    "lorenza_plus": lambda ps, probe: LorenzaPlus(
-        ps,
-        lr=1e-2,
-        mu=1e-2,
-        rho=0.1,
-        rank=2,
-        update_interval=2,
-        eps=1e-3,
-        probe_space="subspace",
-        seed=SEED,
-        probe=probe,
-    ),  # fmt: skip
+    # LORENZA's default probes (singular), its subspace probes; Lorenza+ adds the residual
+    "lorenza": lambda ps, probe: Lorenza(ps, probe=probe, **LOW),
+    "lorenza_subspace": lambda ps, probe: Lorenza(ps, probe=probe, probe_space="subspace", **LOW),
+    "lorenza_plus": lambda ps, probe: LorenzaPlus(ps, probe=probe, **LOW),
     "galore": lambda ps, probe: GaLoreAdamW(
         ps, lr=1e-2, rank=2, update_interval=2, svd="randomized", eps=1e-3, weight_decay=0.1, seed=SEED
     ),  # fmt: skip
 }
 RUNS = [
     (n, p)
-    for n in ("mezo", "mezo_adam", "loren", "adazo_sam", "adazo_sam_momentum", "lorenza", "lorenza_plus")
+    for n in ("mezo", "mezo_adam", "loren", "adazo_sam", "adazo_sam_momentum")
+    + ("lorenza", "lorenza_subspace", "lorenza_plus")
     for p in ("exact", "inplace")
 ]
 RUNS += [("sam", "-"), ("adamw", "-"), ("galore", "-")]
@@ -166,10 +151,9 @@ def train(name: str, probe: str, ids, tgt, sharded: bool, steps: int = STEPS):
 
 def _refusals() -> dict[str, str]:
     out = {}
-    # defaults: LORENZA's probe_space="singular", GaLore-AdamW's svd="exact"
     for name, cls in (("Lorenza", Lorenza), ("LorenzaPlus", LorenzaPlus), ("GaLoreAdamW", GaLoreAdamW)):
-        try:
-            cls(list(_shard(Tiny()).parameters()), lr=1e-3, rank=2)
+        try:  # svd="exact": GaLore-AdamW's default
+            cls(list(_shard(Tiny()).parameters()), lr=1e-3, rank=2, svd="exact")
             out[name] = "no error"
         except TypeError as e:
             out[name] = str(e)
@@ -225,12 +209,12 @@ def test_fsdp2_ranks_equal_one_process(world, tmp_path):
                 assert msg.startswith("per_layer:") and "use per_layer=False" in msg, msg
             else:
                 assert msg.startswith("params[0]: a DTensor (FSDP2's fully_shard) is not supported by " + name), msg
-                assert ("svd='exact'" if name == "GaLoreAdamW" else "probe_space='singular'") in msg, msg
+                assert "svd='exact'" in msg and "use svd='randomized'" in msg, msg
 
 
 # --- checkpoints across world sizes ---------------------------------------------------------------
 
-RESUMED = ["mezo", "mezo_adam", "loren", "adazo_sam", "adazo_sam_momentum", "galore", "lorenza"]
+RESUMED = ["mezo", "mezo_adam", "loren", "adazo_sam", "adazo_sam_momentum", "galore", "lorenza", "lorenza_subspace"]
 
 
 def _resume_run(rank: int, world: int) -> dict:

@@ -55,10 +55,11 @@ def _rank_run(rank: int, world: int) -> dict:
     for c, (m, n, r, over, q, side) in enumerate(CASES):
         A = torch.zeros(m, n) if side == "zero" else _matrix(m, n, c)
         r0, r1 = _rows(m, world, rank)
-        out[c] = sharded_randomized_range(
-            A[r0:r1], m, r0, r, side="right" if side == "zero" else side, oversample=over, power_iters=q,
-            seed=SEED, stream=3 + c,
-        )  # fmt: skip
+        for factors in (False, True):
+            out[c, factors] = sharded_randomized_range(
+                A[r0:r1], m, r0, r, side="right" if side == "zero" else side, oversample=over, power_iters=q,
+                seed=SEED, stream=3 + c, factors=factors,
+            )  # fmt: skip
     # partial r x n factors (each rank's), reduce-scattered by columns, then gathered back
     mats = [torch.full((3, n), float(rank + 1)) * torch.arange(n) for n in (5, 8, 2)]
     cols = reduce_scatter_cols(mats, None)
@@ -73,14 +74,24 @@ def test_sharded_range_equals_the_whole_matrix_range(world, tmp_path):
         A = torch.zeros(m, n) if side == "zero" else _matrix(m, n, c)
         whole_side = "right" if side == "zero" else side
         ref = lk.randomized_range(A, r, side=whole_side, oversample=over, power_iters=q, seed=SEED, first_stream=3 + c)
-        if whole_side == "right":  # whole on every rank
+        # with factors: randomized_svd of A (right) or A^T (left), as _subspace.refresh_bases uses it
+        U, _, Vh = lk.randomized_svd(A if whole_side == "right" else A.T, r, oversample=over, power_iters=q,
+                                     seed=SEED, first_stream=3 + c)  # fmt: skip
+        if whole_side == "right":  # the basis whole on every rank; U's rows
             for res in ranks:
-                torch.testing.assert_close(res[c], ref, atol=2e-5, rtol=1e-4, msg=str(CASES[c]))
-        else:  # each rank's rows
-            got = torch.cat([res[c] for res in ranks])
+                torch.testing.assert_close(res[c, False], ref, atol=2e-5, rtol=1e-4, msg=str(CASES[c]))
+                torch.testing.assert_close(res[c, True][0], Vh.T, atol=2e-5, rtol=1e-4, msg=str(CASES[c]))
+            got = torch.cat([res[c, True][1] for res in ranks])
+            torch.testing.assert_close(got, U, atol=2e-5, rtol=1e-4, msg=str(CASES[c]))
+        else:  # the basis's rows; the other factor whole
+            got = torch.cat([res[c, False] for res in ranks])
             torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4, msg=str(CASES[c]))
+            got = torch.cat([res[c, True][0] for res in ranks])
+            torch.testing.assert_close(got, Vh.T, atol=2e-5, rtol=1e-4, msg=str(CASES[c]))
+            for res in ranks:
+                torch.testing.assert_close(res[c, True][1], U, atol=2e-5, rtol=1e-4, msg=str(CASES[c]))
         if side != "zero":  # orthonormal
-            basis = ranks[0][c] if whole_side == "right" else torch.cat([res[c] for res in ranks])
+            basis = ranks[0][c, False] if whole_side == "right" else torch.cat([res[c, False] for res in ranks])
             torch.testing.assert_close(basis.T @ basis, torch.eye(r), atol=1e-5, rtol=0)
     total = sum(k + 1 for k in range(world))  # the partial factors summed over the ranks
     for k, res in enumerate(ranks):

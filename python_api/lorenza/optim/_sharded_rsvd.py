@@ -89,7 +89,7 @@ def _orthonormalize(X: torch.Tensor) -> torch.Tensor:
     return _ref.orthonormalize(X[None])[0][0]
 
 
-def _fix_signs_rows(U: torch.Tensor, row0: int, group: Any) -> torch.Tensor:
+def _fix_signs_rows(U: torch.Tensor, row0: int, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's sign convention (each column's entry of largest magnitude positive; the
     first such entry on ties) for a row-sharded ``U``: one all-gather of ``3 k`` numbers per rank."""
     k = U.shape[-1]
@@ -109,7 +109,7 @@ def _fix_signs_rows(U: torch.Tensor, row0: int, group: Any) -> torch.Tensor:
     pick = row.argmin(0)
     signs = torch.sign(val.gather(0, pick[None])[0]).to(U.dtype)
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return U * signs
+    return U * signs, signs
 
 
 def sharded_randomized_range(
@@ -124,12 +124,18 @@ def sharded_randomized_range(
     seed: int = 0,
     stream: int = 0,
     group: Any = None,
-) -> torch.Tensor:
+    factors: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The basis ``lorenza_kernels.randomized_range(A_whole, rank, side=side, ...)`` from this rank's
     rows ``A`` (``m_w x n``, rows ``[row0, row0 + m_w)`` of the ``m x n`` whole) without gathering
     ``A``: ``side="right"``, the ``n x rank`` basis (whole); ``"left"``, this rank's ``m_w x rank``
     rows of the ``m x rank`` basis. Every rank of ``group`` must call it with the same arguments
-    (but its own rows). float32."""
+    (but its own rows). float32.
+
+    ``factors=True``: ``(basis, factor)`` as ``_subspace.refresh_bases(..., factors=True)`` makes
+    them from ``lorenza_kernels.randomized_svd`` of ``A`` (right) or ``A^T`` (left): the basis is
+    the more accurate side's singular vectors, the factor the other side's (right: this rank's
+    ``m_w x rank`` rows of ``U``; left: ``V``, ``n x rank``, whole)."""
     if side not in ("left", "right"):
         raise ValueError(f"side: expected 'left' or 'right', got {side!r}")
     A = A.detach().to(torch.float32)
@@ -145,6 +151,10 @@ def sharded_randomized_range(
             Z = _orthonormalize(_all_reduce(A.mT @ Q, group))
             Q, _ = _orthonormalize_rows(A @ Z, m, row0, group)
         P, R = _ref.orthonormalize(_all_reduce(A.mT @ Q, group)[None])
+        if factors:  # reference randomized_svd: A ~ Q R^T P^T = (Q U_r) S (P V_r)^T
+            Ur, _, Vrh = torch.linalg.svd(R[0].mT)
+            V, signs = _ref._fix_signs(P[0] @ Vrh[:rank].mT)
+            return V, (Q @ Ur[:, :rank]) * signs
         return _ref._fix_signs(torch.bmm(P, _ref._gram_eigvecs(R.mT)[..., :rank]))[0][0]
     # left: the right basis of B = A^T (n x m, its columns sharded), sketched by Omega (m x k)
     k = _ref.sketch_width(rank, oversample, n, m)
@@ -154,4 +164,8 @@ def sharded_randomized_range(
         Z, _ = _orthonormalize_rows(A @ Q, m, row0, group)  # orth(B^T Q), rows sharded
         Q = _orthonormalize(_all_reduce(A.mT @ Z, group))  # orth(B Z)
     P, R = _orthonormalize_rows(A @ Q, m, row0, group)  # B^T Q = P R, rows sharded
-    return _fix_signs_rows(P @ _ref._gram_eigvecs(R.mT[None])[0][:, :rank], row0, group)
+    if factors:  # the SVD of B = A^T: B ~ Q R^T P^T = (Q U_r) S (P V_r)^T; the basis is P V_r
+        Ur, _, Vrh = torch.linalg.svd(R.mT)
+        V, signs = _fix_signs_rows(P @ Vrh[:rank].mT, row0, group)
+        return V, (Q @ Ur[:, :rank]) * signs
+    return _fix_signs_rows(P @ _ref._gram_eigvecs(R.mT[None])[0][:, :rank], row0, group)[0]

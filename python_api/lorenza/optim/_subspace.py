@@ -164,7 +164,7 @@ def row_split(param: torch.Tensor, key: str, entry: dict) -> bool | None:
     if "proj" not in entry:
         return None
     side = lk.projection_side(*lk.matrix_dims(param))
-    return key == "proj" if side == "left" else key in ("exp_avg", "exp_avg_sq")
+    return key == "proj" if side == "left" else key in ("exp_avg", "exp_avg_sq", "factor")
 
 
 class Subspace:
@@ -261,22 +261,26 @@ class Subspace:
         back as this rank's rows."""
         from ._sharded_rsvd import sharded_randomized_range
 
-        if glob["svd"] != "randomized" or factors:  # refused at construction and load: a safeguard
-            raise ValueError("svd: sharded (FSDP2) parameters need svd='randomized' and no singular factors")
+        if glob["svd"] != "randomized":  # refused at construction and load: a safeguard
+            raise ValueError("svd: sharded (FSDP2) parameters need svd='randomized'")
         info = slot.shard
-        return sharded_randomized_range(
+        out = sharded_randomized_range(
             grad.reshape(-1, lay.n), lay.m, info.row0, lay.rank, side=lay.side, oversample=glob.get("oversample", 8),
             power_iters=glob.get("power_iters", 1), seed=plan.seed, stream=plan.position[slot.index], group=info.group,
-        ).contiguous()  # fmt: skip
+            factors=factors,
+        )  # fmt: skip
+        return (out[0].contiguous(), out[1].contiguous()) if factors else out.contiguous()
 
     @staticmethod
     def _install(state, slots, lays, bases, moment_transform: str) -> None:
         carry: dict[str, list[tuple]] = {}
         for slot, lay, Q in zip(slots, lays, bases):
             st = state[slot.param]
+            info = slot.shard
             if isinstance(Q, tuple):  # (basis, the other side's singular vectors)
                 Q, st["factor"] = Q
-            info = slot.shard
+                if info is not None and lay.side == "right":  # U's rows follow the parameter's
+                    st["factor"] = _sharding.sharded_like((lay.m, lay.rank), st["factor"], slot.param)
             if "proj" not in st:
                 st["step"], st["updates"], st["refreshes"] = 0, 0, 0
                 shape = lay.moment_shape
@@ -520,12 +524,20 @@ class SubspaceNoise:
         """``(L, M)`` with ``P = L M^T``: ``L`` is ``m x r`` (a sharded target's rows of it), ``M``
         is ``n x r``."""
         Q = st["proj"]
-        if shard is not None:  # FSDP2 (probe_space "subspace" only: refused otherwise)
+        if shard is not None:  # FSDP2: the m x r factor's rows are sharded, gathered for a whole target
             Q = _sharding.local(Q)
-            if lay.side == "left":  # Q's rows are sharded: gathered for a whole target
-                return (_sharding.gather_full(Q, shard, (lay.m, lay.rank)) if whole else Q), u.t()
-            rows = slice(0, lay.m) if whole else slice(shard.row0, shard.row0 + shard.local.shape[0])
-            return u[rows], Q
+
+            def rows_of(X: torch.Tensor, sharded: bool) -> torch.Tensor:
+                if sharded:  # this rank's rows: all of them gathered for a whole target
+                    return _sharding.gather_full(X, shard, (lay.m, lay.rank)) if whole else X
+                return X if whole else X[shard.row0 : shard.row0 + shard.local.shape[0]]
+
+            if self.space == "singular":  # right: Q = V (whole), F = U (rows); left: Q = U (rows), F = V
+                F = _sharding.local(st["factor"])
+                return (rows_of(F, True) * u, Q) if lay.side == "right" else (rows_of(Q, True) * u, F)
+            if lay.side == "left":  # P = Q U: Q's rows
+                return rows_of(Q, True), u.t()
+            return rows_of(u, False), Q  # P = U Q^T: U drawn whole, its rows
         if self.space == "singular":
             F = st["factor"]
             # right side: Q = V (n x r), F = U (m x r); left side: Q = U, F = V

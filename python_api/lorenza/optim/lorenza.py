@@ -77,16 +77,13 @@ class Lorenza(AdaZoSAM):
     behave as in :class:`AdaZoSAM`.
 
     FSDP2 (``fully_shard``, ``docs/algorithms.md`` "Distributed training"): supported with
-    ``probe_space="subspace"`` and ``svd="randomized"`` (bases from the sharded randomized SVD);
-    the default ``probe_space="singular"`` is refused (it needs both singular factors).
+    ``svd="randomized"`` (the default): bases and singular factors from the sharded randomized SVD
+    of the row-sharded gradients, never gathered; ``svd="exact"`` is refused.
     """
 
     group_checks = {**AdaZoSAM.group_checks, **LOWRANK_GROUP_CHECKS, "residual_scale": _checks.non_negative}
-    #: FSDP2: supported with probe_space="subspace" and svd="randomized" (set per instance).
-    sharded_refusal = (
-        "probe_space='singular' needs both singular factors of each gradient, which the sharded randomized SVD "
-        "does not compute; use probe_space='subspace' (and svd='randomized')"
-    )
+    #: FSDP2: supported with svd="randomized" (the sharded randomized SVD), the default.
+    sharded_refusal = "svd='exact' runs torch.linalg.svd on each whole gradient; use svd='randomized'"
     global_checks = {"num_probes": 1, "oversample": 0, "power_iters": 0}
     probe_spaces = PROBE_SPACES
     legacy_probe_space = "subspace"
@@ -131,10 +128,8 @@ class Lorenza(AdaZoSAM):
             self.group_checks[key](key, value)
         _checks.choice("svd", svd, SVDS)
         options = {"num_probes": num_probes, "oversample": oversample, "power_iters": power_iters}
-        if probe_space == "subspace" and svd == "randomized":  # FSDP2: the sharded randomized SVD
+        if svd == "randomized":  # FSDP2: the sharded randomized SVD
             self.sharded_refusal = None
-        elif probe_space == "subspace":
-            self.sharded_refusal = "svd='exact' runs torch.linalg.svd on each whole gradient; use svd='randomized'"
         # AdaZoSAM.__init__ would drop the low-rank keys: go straight to SeededOptimizer's.
         super(AdaZoSAM, self).__init__(
             params, defaults, seed=seed, per_layer=per_layer, options=options, probe=probe,
@@ -149,11 +144,10 @@ class Lorenza(AdaZoSAM):
             _checks.choice("state_dict['lorenza']['moment_transform']", glob.get("moment_transform"), MOMENT_TRANSFORMS)
             _checks.choice("state_dict['lorenza']['svd']", glob.get("svd"), SVDS)
             sharded = any(_sharding.is_dtensor(p) for g in self.param_groups for p in g["params"])
-            saved = (glob.get("probe_space", self.legacy_probe_space), glob["svd"])
-            if sharded and saved != ("subspace", "randomized"):
+            if sharded and glob["svd"] != "randomized":
                 raise ValueError(
-                    f"state_dict: probe_space={saved[0]!r}, svd={saved[1]!r} were saved, and this optimizer's "
-                    "parameters are sharded (FSDP2): only probe_space='subspace' with svd='randomized' works on them"
+                    f"state_dict: svd={glob['svd']!r} was saved, and this optimizer's parameters are sharded (FSDP2): "
+                    "only svd='randomized' works on sharded gradients"
                 )
         super().load_state_dict(state_dict)
 
