@@ -7,15 +7,19 @@ Three parts, in one run:
                 in place and exact, in bfloat16, float16 and float32 (exact: 0 by construction)
   fine-tune     the demo's model (lorenza.demo, its CPU default: 64-token sequences), pre-trained in
                 float32 then fine-tuned in float32 and in bfloat16 with MeZO, MeZO-Adam, LOREN and
-                AdaZo-SAM, same seeds, steps and minibatches: held-out loss before and after, the
-                improvement, and (bfloat16) the improvement as a fraction of the float32 run's, for
-                the default path (exact probes, stochastic rounding), exact probes rounding to
-                nearest, and the old path (in-place probes, rounding to nearest)
+                AdaZo-SAM, 500 steps, the same seeds (``FINETUNE_SEEDS``) and minibatches: the
+                held-out improvement (start minus end; mean, standard error and each seed's) and,
+                in bfloat16, its mean as a fraction of the float32 mean, for the default path
+                (exact probes, stochastic rounding), exact probes rounding to nearest, and the old
+                path (in-place probes, rounding to nearest)
   step          time and peak memory of one MeZO step, in place and exact, float32 and bfloat16:
-                peak memory over the parameters' bytes (the largest parameter's copy is the
-                expected overhead of an exact probe) and the time ratio exact / in place
+                peak memory over the parameters' bytes, the peak of a no-grad forward alone
+                (inference: parameters and activations) and what the step adds to it (the
+                largest parameter's copy is the expected overhead of an exact probe), and the
+                time ratio exact / in place
 
   python bench/bench_lowprec.py [--quick] [--device cpu|cuda] [--json out.json] [--part drift,finetune,step]
+      [--threads N] [--md out.md]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from lorenza.demo.model import LlamaLM, lm_loss, parse_size
 from lorenza.demo.train import cached_pretrain, evaluate, finetune
 from lorenza.optim import MeZO, make_closure
 
+_T0 = time.perf_counter()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROBES = ("inplace", "exact")
 
@@ -88,10 +93,16 @@ class _NoProgress:
         pass
 
 
+# seeds per optimizer: a MeZO run's held-out gain varies from seed to seed by more than the gain
+# itself (500 steps: +0.0011 and +0.0027 in float32 for seeds 0 and 1), so the cheap two-forward
+# optimizers run 5 seeds; LOREN (ten forwards a step) and AdaZo-SAM (a backward pass, a gain a
+# hundred times larger) run fewer to keep the part under an hour on 2 cores
+FINETUNE_SEEDS = {"MeZO": (0, 1, 2, 3, 4), "MeZOAdam": (0, 1, 2, 3, 4), "Loren": (0,), "AdaZoSAM": (0, 1)}
+
+
 def finetune_rows(report: common.Report, device: str, quick: bool) -> None:
     base, train, heldout = _setup(device, quick)
-    steps = 30 if quick else 150
-    names = ["MeZO", "MeZOAdam", "Loren", "AdaZoSAM"]
+    steps = 30 if quick else 500
     dev = torch.device(device)
     fp32_gain: dict[str, float] = {}
     # (label, probe, stochastic rounding): float32 has one path (rounding does not apply to it)
@@ -104,19 +115,35 @@ def finetune_rows(report: common.Report, device: str, quick: bool) -> None:
         model = base.to(DTYPES[dname])
         initial = evaluate(model.to(dev), heldout)
         model.cpu()
-        for name in names:
+        for name, seeds in FINETUNE_SEEDS.items():
+            seeds = seeds[:1] if quick else seeds
             for label, probe, sr in paths[dname]:
-                hp = optimizers.Hyper(steps=steps, seed=0, options={"probe": probe, "stochastic_rounding": sr})
-                t0 = time.perf_counter()
-                res = finetune(name, model, train, heldout, steps, hp, dev, initial, steps, None)
-                ms = (time.perf_counter() - t0) * 1e3 / steps
-                gain = initial - res.heldout_loss
+                gains, times, errors = [], [], []
+                for seed in seeds:
+                    hp = optimizers.Hyper(steps=steps, seed=seed, options={"probe": probe, "stochastic_rounding": sr})
+                    t0 = time.perf_counter()
+                    res = finetune(name, model, train, heldout, steps, hp, dev, initial, steps, None)
+                    times.append((time.perf_counter() - t0) * 1e3 / steps)
+                    gains.append(initial - res.heldout_loss)
+                    errors += [res.error] if res.error else []
+                    print(f"[{time.perf_counter() - _T0:7.0f} s] fine-tune {dname} {name} {label} seed {seed}: "
+                          f"{initial:.4f} -> {res.heldout_loss:.4f} ({times[-1]:.0f} ms/step)", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                mean = sum(gains) / len(gains)
+                se = (
+                    (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+                    if len(gains) > 1
+                    else None
+                )
                 if dname == "fp32":
-                    fp32_gain[name] = gain
+                    fp32_gain[name] = mean
                 ref = fp32_gain.get(name)
+                times.sort()
                 report.add(
-                    f"fine-tune {dname} {steps} steps", f"{name} {label}", (ms, ms, ms), start=initial,
-                    end=res.heldout_loss, gain=gain, of_fp32=gain / ref if ref else None, error=res.error,
+                    f"fine-tune {dname} {steps} steps", f"{name} {label}",
+                    (times[len(times) // 2], times[0], times[-1]), start=initial, gain=mean, gain_se=se,
+                    of_fp32=mean / ref if ref else None, seeds=len(gains),
+                    gains=" ".join(f"{g:+.4f}" for g in gains), error="; ".join(errors) or None,
                 )  # fmt: skip
 
 
@@ -132,6 +159,10 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
             opt = MeZO(model.parameters(), lr=1e-6, seed=0, probe=probe)
             closure = make_closure(lambda model=model: lm_loss(model, tokens))
             opt.step(closure)
+            with PeakMemory(dev) as pf:  # inference: the parameters and one forward's activations
+                pf.materialize(model)
+                with torch.no_grad():
+                    closure()
             with PeakMemory(dev) as pm:
                 pm.materialize(model)
                 opt.step(closure)
@@ -143,6 +174,8 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
             report.add(
                 f"MeZO step {dname}", probe, t, params_MB=params / 2**20, peak_MB=pm.peak_bytes / 2**20,
                 largest_param_MB=largest / 2**20, peak_over_params=pm.peak_bytes / params,
+                forward_peak_MB=pf.peak_bytes / 2**20, over_forward_MB=(pm.peak_bytes - pf.peak_bytes) / 2**20,
+                over_forward_of_params=(pm.peak_bytes - pf.peak_bytes) / params,
                 x_inplace=t[0] / base[dname] if dname in base else None,
             )  # fmt: skip
 
@@ -150,7 +183,11 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--part", default="drift,finetune,step", help="comma list of: drift, finetune, step")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--md", default=None, help="also write the table here, as bench/run_all.py writes its .md")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parts = {x.strip() for x in args.part.split(",")}
     report = common.Report("lowprec", args.device)
     if "drift" in parts:
@@ -159,7 +196,19 @@ def main(argv: list[str] | None = None) -> None:
         step_rows(report, args.device, args.quick)
     if "finetune" in parts:
         finetune_rows(report, args.device, args.quick)
+    seconds = time.perf_counter() - _T0
     report.finish(args.json)
+    if args.md:
+        import run_all
+
+        data = {**report.to_json(), "seconds": seconds}
+        merged = {"environment": data["environment"], "quick": args.quick, "benches": {"lowprec": data}}
+        with open(args.md, "w") as f:
+            f.write(
+                run_all.markdown(merged).replace(
+                    "`bench/run_all.py`", f"`bench/bench_lowprec.py --part {args.part} --md`"
+                )
+            )
 
 
 if __name__ == "__main__":

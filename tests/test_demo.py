@@ -466,6 +466,40 @@ def test_bench_ascent_alignment_runs(tmp_path):
         assert norm == pytest.approx(0.05, rel=0.2 if "q=8" in r["provider"] else 1e-3), r["provider"]
 
 
+def test_bench_lowprec_drift_and_step_run(tmp_path):
+    # lr 0: exact probes leave bf16/fp16/fp32 weights bitwise (drift exactly 0), in-place probes
+    # drift in bf16 and fp16 and grow with the steps; the step rows carry the memory columns.
+    out, md = tmp_path / "rows.json", tmp_path / "rows.md"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python_api")])}
+    script = os.path.join(ROOT, "bench", "bench_lowprec.py")
+    cmd = [
+        sys.executable,
+        script,
+        "--quick",
+        "--part",
+        "drift,step",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+        "--md",
+        str(md),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {(r["case"], r["provider"]): r["metrics"] for r in json.loads(out.read_text())["rows"]}
+    for dtype in ("fp32", "bf16", "fp16"):
+        assert [rows[(f"drift {dtype}", "exact")][f"drift@{n}"] for n in (10, 100, 1000)] == [0.0, 0.0, 0.0]
+    for dtype in ("bf16", "fp16"):
+        inplace = [rows[(f"drift {dtype}", "inplace")][f"drift@{n}"] for n in (10, 100, 1000)]
+        assert 0 < inplace[0] < inplace[1] < inplace[2], (dtype, inplace)
+    for dtype in ("fp32", "bf16"):
+        for probe in ("inplace", "exact"):
+            m = rows[(f"MeZO step {dtype}", probe)]
+            assert m["peak_MB"] >= m["forward_peak_MB"] > m["params_MB"] > 0
+    assert "## lowprec" in md.read_text()
+
+
 def test_bench_optimizer_step_runs(tmp_path):
     out = tmp_path / "rows.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python_api")])}
