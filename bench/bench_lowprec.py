@@ -1,6 +1,6 @@
 """Zeroth-order steps in bfloat16 and float16: exact probes against in-place probes.
 
-Three parts, in one run:
+Four parts, in one run:
 
   drift         a 256 x 256 tensor of N(0, 0.02^2) weights, MeZO with lr 0 (mu 1e-3): the relative
                 drift ||theta_t - theta_0|| / ||theta_0|| after 10 / 100 / 1,000 / 5,000 steps,
@@ -12,13 +12,15 @@ Three parts, in one run:
                 in bfloat16, its mean as a fraction of the float32 mean, for the default path
                 (exact probes, stochastic rounding), exact probes rounding to nearest, and the old
                 path (in-place probes, rounding to nearest)
+  autocast      MeZO's fine-tune above with float32 weights and the forward in bfloat16
+                (torch.autocast): the cost of the forward's precision alone
   step          time and peak memory of one MeZO step, in place and exact, float32 and bfloat16:
                 peak memory over the parameters' bytes, the peak of a no-grad forward alone
                 (inference: parameters and activations) and what the step adds to it (the
                 largest parameter's copy is the expected overhead of an exact probe), and the
                 time ratio exact / in place (the two paths' steps alternate)
 
-  python bench/bench_lowprec.py [--quick] [--device cpu|cuda] [--json out.json] [--part drift,finetune,step]
+  python bench/bench_lowprec.py [--quick] [--device cpu|cuda] [--json out.json] [--part drift,finetune,autocast,step]
       [--threads N] [--md out.md]
 """
 
@@ -40,6 +42,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python_api"))
 
 from lorenza.demo import optimizers
+from lorenza.demo import train as demo_train
 from lorenza.demo.data import Batches, byte_tokens, load_corpus
 from lorenza.demo.memory import PeakMemory, module_bytes
 from lorenza.demo.model import LlamaLM, lm_loss, parse_size
@@ -103,7 +106,6 @@ FINETUNE_SEEDS = {"MeZO": (0, 1, 2, 3, 4), "MeZOAdam": (0, 1, 2, 3, 4), "Loren":
 def finetune_rows(report: common.Report, device: str, quick: bool) -> None:
     base, train, heldout = _setup(device, quick)
     steps = 30 if quick else 500
-    dev = torch.device(device)
     fp32_gain: dict[str, float] = {}
     # (label, probe, stochastic rounding): float32 has one path (rounding does not apply to it)
     paths = {
@@ -113,38 +115,60 @@ def finetune_rows(report: common.Report, device: str, quick: bool) -> None:
     }  # fmt: skip
     for dname in ("fp32", "bf16"):
         model = base.to(DTYPES[dname])
-        initial = evaluate(model.to(dev), heldout)
-        model.cpu()
         for name, seeds in FINETUNE_SEEDS.items():
-            seeds = seeds[:1] if quick else seeds
             for label, probe, sr in paths[dname]:
-                gains, times, errors = [], [], []
-                for seed in seeds:
-                    hp = optimizers.Hyper(steps=steps, seed=seed, options={"probe": probe, "stochastic_rounding": sr})
-                    t0 = time.perf_counter()
-                    res = finetune(name, model, train, heldout, steps, hp, dev, initial, steps, None)
-                    times.append((time.perf_counter() - t0) * 1e3 / steps)
-                    gains.append(initial - res.heldout_loss)
-                    errors += [res.error] if res.error else []
-                    print(f"[{time.perf_counter() - _T0:7.0f} s] fine-tune {dname} {name} {label} seed {seed}: "
-                          f"{initial:.4f} -> {res.heldout_loss:.4f} ({times[-1]:.0f} ms/step)", file=sys.stderr,
-                          flush=True)  # fmt: skip
-                mean = sum(gains) / len(gains)
-                se = (
-                    (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
-                    if len(gains) > 1
-                    else None
-                )
+                gain = _finetune_row(report, f"fine-tune {dname} {steps} steps", f"{name} {label}", name, model,
+                                     train, heldout, steps, seeds[:1] if quick else seeds, probe, sr, device,
+                                     fp32_gain.get(name))  # fmt: skip
                 if dname == "fp32":
-                    fp32_gain[name] = mean
-                ref = fp32_gain.get(name)
-                times.sort()
-                report.add(
-                    f"fine-tune {dname} {steps} steps", f"{name} {label}",
-                    (times[len(times) // 2], times[0], times[-1]), start=initial, gain=mean, gain_se=se,
-                    of_fp32=mean / ref if ref else None, seeds=len(gains),
-                    gains=" ".join(f"{g:+.4f}" for g in gains), error="; ".join(errors) or None,
-                )  # fmt: skip
+                    fp32_gain[name] = gain
+
+
+def autocast_rows(report: common.Report, device: str, quick: bool) -> None:
+    """MeZO with float32 weights and updates but the forward in bfloat16 (``torch.autocast``, the
+    held-out evaluation too): what the forward's precision alone costs, apart from the weights'."""
+    base, train, heldout = _setup(device, quick)
+    steps = 30 if quick else 500
+    seeds = FINETUNE_SEEDS["MeZO"]
+    full = demo_train.lm_loss
+
+    def loss(model, batch):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return full(model, batch)
+
+    demo_train.lm_loss = loss  # the name train.py's closures and evaluate() call
+    try:
+        _finetune_row(report, f"fine-tune fp32 weights, bf16 autocast forward {steps} steps", "MeZO exact", "MeZO",
+                      base.to(torch.float32), train, heldout, steps, seeds[:1] if quick else seeds, "exact", True,
+                      device, None)  # fmt: skip
+    finally:
+        demo_train.lm_loss = full
+
+
+def _finetune_row(report, case, provider, name, model, train, heldout, steps, seeds, probe, sr, device, ref) -> float:
+    """Fine-tune ``model`` with optimizer ``name`` once per seed; one row: the mean held-out gain,
+    its standard error, each seed's, and the mean over ``ref`` (the float32 mean) when given."""
+    dev = torch.device(device)
+    initial = evaluate(model.to(dev), heldout)
+    model.cpu()
+    gains, times, errors = [], [], []
+    for seed in seeds:
+        hp = optimizers.Hyper(steps=steps, seed=seed, options={"probe": probe, "stochastic_rounding": sr})
+        t0 = time.perf_counter()
+        res = finetune(name, model, train, heldout, steps, hp, dev, initial, steps, None)
+        times.append((time.perf_counter() - t0) * 1e3 / steps)
+        gains.append(initial - res.heldout_loss)
+        errors += [res.error] if res.error else []
+        print(f"[{time.perf_counter() - _T0:7.0f} s] {case} {provider} seed {seed}: {initial:.4f} -> "
+              f"{res.heldout_loss:.4f} ({times[-1]:.0f} ms/step)", file=sys.stderr, flush=True)  # fmt: skip
+    mean = sum(gains) / len(gains)
+    se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5 if len(gains) > 1 else None
+    report.add(
+        case, provider, _quantiles(times), start=initial, gain=mean, gain_se=se,
+        of_fp32=mean / ref if ref else None, seeds=len(gains), gains=" ".join(f"{g:+.4f}" for g in gains),
+        error="; ".join(errors) or None,
+    )  # fmt: skip
+    return mean
 
 
 def step_rows(report: common.Report, device: str, quick: bool) -> None:
@@ -201,7 +225,9 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--part", default="drift,finetune,step", help="comma list of: drift, finetune, step")
+    p.add_argument(
+        "--part", default="drift,finetune,autocast,step", help="comma list of: drift, finetune, step, autocast"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--md", default=None, help="also write the table here, as bench/run_all.py writes its .md")
     args = p.parse_args(argv)
@@ -215,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         step_rows(report, args.device, args.quick)
     if "finetune" in parts:
         finetune_rows(report, args.device, args.quick)
+    if "autocast" in parts:
+        autocast_rows(report, args.device, args.quick)
     seconds = time.perf_counter() - _T0
     report.finish(args.json)
     if args.md:
