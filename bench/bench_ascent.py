@@ -1,8 +1,9 @@
-"""Does the zeroth-order ascent of AdaZo-SAM and LORENZA stand in for SAM's? Alignment, generalization, ZO.
+"""Does the zeroth-order ascent of AdaZo-SAM and LORENZA stand in for SAM's? Does LOREN's covariance help?
 
 AdaZo-SAM and LORENZA replace SAM's ascent ``eps = rho grad / ||grad||`` (a second backward pass)
-by a zeroth-order estimate from two forward passes per probe. Three measurements, every one seeded
-and deterministic (``--threads 1``, the default; the numbers below are what ``--json`` records):
+by a zeroth-order estimate from two forward passes per probe. Four measurements (the fourth: does
+LOREN's learned covariance help), every one seeded and deterministic (``--threads 1``, the default;
+the numbers below are what ``--json`` records):
 
 1. **align** -- alignment of the ascent with the gradient. The MLP below, each optimizer training
    it for 100 steps (constant lr 1e-3, 4e-3 for the projected optimizers whose update is scaled by
@@ -59,6 +60,50 @@ and deterministic (``--threads 1``, the default; the numbers below are what ``--
    1e-4, 3e-4} (LM), every lr with seeds 0-4, the lr with the lowest mean validation loss chosen.
    Test loss at the full budget, and (note) at half of it: a checkpoint of the same run, under the
    schedule of the full run.
+4. **loren** -- does LOREN's learned covariance help per forward pass? MeZO and MeZO-Adam (one
+   two-sided probe: 2 forward passes per step) against LOREN (K = 10 one-sided queries: 10 per step;
+   mu 1e-3, damping 0.1) in four forms: ``covariance="paper"`` (the published step of ``a``, inert:
+   ``a`` keeps its random initialisation; lr_cov 1e-3) and ``"normalized"`` (a step of ``a`` of
+   relative size lr_cov, lr_cov in {1e-2, 1e-1} chosen with the lr; the default 1e-3 is left out:
+   over the 100 to 500 steps here it can move ``a`` by 10 to 50 % of its norm in all, mostly as a
+   random walk), each with heavy-ball momentum 0.9 (the default) and 0, at equal forward passes, on
+   three problems:
+
+   - **ls**: least squares in a matrix ``X`` (8 x 8): loss ``0.5 (<A, X> - y)^2`` averaged over
+     minibatches of 32 from 2,000 training examples (validation 1,000, test 5,000; data seed 1234),
+     features ``vec(A) ~ N(0, H)``, ``H = I + 99 q q^T`` (condition number 100),
+     ``q = vec(1 u^T) / sqrt(8)`` with ``u`` a random unit vector, ``y = <A, X*> + 0.1 noise``.
+     Why: ``Sigma(a) = (I + a_bar a_bar^T / lambda)^-1`` can only damp a direction ``1 a^T`` (all
+     rows alike), so the sharp direction is put there, where ``a = u`` damps it, and it carries 61 %
+     of ``tr(H) = 163``, the factor by which the curvature enters the variance of a zeroth-order
+     estimate (ZO-SGD's stable lr scales like ``1 / tr(H)``): removing it could allow about 2.6
+     times the lr. The start ``X* - e`` has ``e`` orthogonal to ``q`` (excess loss 1): a fine-tune
+     from a model already at the bottom of its sharpest direction, where taking that direction out
+     of the perturbation costs nothing. An **oracle** LOREN (paper form, so ``a`` stays), whose
+     ``a`` is set to ``u ||a_0||`` before the first step, shows what learning ``a`` could give at
+     best. 5,000 forwards (LOREN 500 steps, MeZO 2,500), lr grid {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}.
+   - **mlp**: the MLP above from its random initialisation, 3,000 forwards, grid {1e-3, 3e-3, 1e-2}
+     (in part 3, 3e-4 did worse than 1e-3 for MeZO, MeZO-Adam and LOREN; 3e-2 diverged for every
+     optimizer here in a trial run).
+   - **lm**: the fine-tune of the transformer above, 1,000 forwards, grid {1e-4, 3e-4, 1e-3} (in
+     part 3, 3e-5 did worse than 1e-4 for the three).
+
+   One lr grid per problem, shared by every optimizer. Selection: every (lr, lr_cov) runs with seeds
+   0-4, the one with the lowest mean validation loss is chosen (seeds as above; with one seed, every
+   LOREN form has the same ``a_0`` and the same queries; ``--quick`` chooses on seed 0). The demo's
+   schedule applies to lr, not to lr_cov. Rows: test loss at the full budget (note: at a quarter, a
+   half and three quarters of it, checkpoints of the same runs). Rows "a", at the chosen settings:
+   ``||a_t|| / ||a_0||`` (mean over the parameters) at 0, 25, 50, 75 and 100 % of the steps,
+   ``|cos(a_t, u)|`` (ls; a random ``a`` has 0.29 on average), the mean relative step of ``a``
+   (``covariance_steps()``, over parameters and steps), and the share of ``tr(H)`` that
+   ``Sigma(a)`` removes, ``sum_p a_bar_p^T H a_bar_p / (lambda + s_p) / tr(H)`` (``tr(H Sigma)``
+   is ``tr(H)`` minus it), with ``a_0`` and with the final ``a``, both at the final parameters: ls
+   the population Hessian; mlp, lm the Hessian of the validation loss (lm: one batch of 8 windows),
+   blocks by autograd, ``tr(H)`` from 8 Rademacher probes. ``||a||`` alone is no evidence of
+   learning: a normalized step orthogonal to ``a`` grows it by ``sqrt(1 + lr_cov^2)``. Paired rows:
+   per-seed differences of test loss, normalized − paper and oracle − paper (each at its chosen
+   settings, and both at the first one's lr: then the only difference is what ``a`` did) and each
+   LOREN − MeZO.
 
 Columns: ``median ms``/``p20``/``p80`` one optimizer step (over the runs of the row; alignment:
 over its steps; paired rows: none), ``metric`` what ``mean ± se`` (mean and standard error, to
@@ -69,7 +114,11 @@ the chosen one, ``div`` where a seed diverged). The JSON also holds the rows' nu
 
 ``--quick`` (a few minutes on 2 cores): 1-2 seeds, 2 lrs, short runs; the numbers are a smoke test.
 
-  python bench/bench_ascent.py [--quick] [--part align,mlp,lm,zo] [--json out.json] [--md out.md] [--threads 1]
+  python bench/bench_ascent.py [--quick] [--part align,mlp,lm,zo,loren] [--problems ls,mlp,lm] [--json out.json]
+      [--md out.md] [--threads 1] [--merge earlier.json]
+
+``--merge``: the rows of an earlier JSON whose cases this run did not produce are kept (before this
+run's); the environment's ``commit`` then names the commit of each set of parts.
 """
 
 from __future__ import annotations
@@ -146,6 +195,23 @@ class Settings:
     zo_mlp_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
     zo_lm_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4)
     loren_queries: int = 10
+    # part "loren": LOREN's covariance (module docstring, part 4)
+    ls_shape: tuple[int, int] = (8, 8)
+    ls_kappa: float = 100.0
+    ls_noise: float = 0.1
+    ls_train: int = 2000
+    ls_val: int = 1000
+    ls_test: int = 5000
+    ls_batch: int = 32
+    cov_ls_forwards: int = 5000
+    cov_mlp_forwards: int = 3000
+    cov_lm_forwards: int = 1000
+    cov_ls_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    cov_mlp_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    cov_lm_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    cov_lr_covs: tuple[float, ...] = (1e-2, 1e-1)  # covariance="normalized": chosen with the lr
+    cov_select_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # (lr, lr_cov) chosen on their mean validation loss
+    cov_hutchinson: int = 8  # Rademacher probes of tr(H) (MLP, LM)
 
 
 FULL = Settings()
@@ -163,6 +229,18 @@ QUICK = Settings(
     zo_lm_forwards=120,
     zo_mlp_grid=(1e-3, 3e-3),
     zo_lm_grid=(3e-5, 1e-4),
+    ls_train=256,
+    ls_val=128,
+    ls_test=256,
+    cov_ls_forwards=200,
+    cov_mlp_forwards=100,
+    cov_lm_forwards=40,
+    cov_ls_grid=(1e-3, 3e-3),
+    cov_mlp_grid=(3e-3, 1e-2),
+    cov_lm_grid=(1e-4, 3e-4),
+    cov_lr_covs=(1e-1,),
+    cov_select_seeds=(0,),
+    cov_hutchinson=2,
 )
 
 
@@ -224,6 +302,7 @@ class MLPTask:
         self.train = (x[:tr], noisy[:tr])
         self.val = (x[tr:va], y[tr:va])
         self.test = (x[va:], y[va:])
+        self.curvature_batch = self.val  # part "loren": the Hessian of the validation loss
         self.order: dict = {}
 
     def num_params(self) -> int:
@@ -269,6 +348,7 @@ class LMTask:
         self.val = Batches(held[:half], self.seq, s.lm_batch, 0).heldout(s.lm_val_windows, device)
         self.test = Batches(held[half:], self.seq, s.lm_batch, 0).heldout(s.lm_test_windows, device)
         self.rank = optimizers.default_rank(self.base)
+        self.curvature_batch = self.val[0]  # part "loren": the Hessian of one validation batch
         self.order: dict = {}
 
     def model(self, seed: int) -> nn.Module:
@@ -341,14 +421,20 @@ class Run:
     skipped: int
     diverged: bool
     at: dict[int, tuple[float, float]] = field(default_factory=dict)  # step -> (val, test)
+    extra: dict = field(default_factory=dict)  # what a watcher recorded (part "loren")
+    watcher: object = None  # the watcher itself, kept for diagnostics after the selection
 
 
-def train(task, spec: Spec, lr: float, seed: int, steps: int, probe: str, checkpoints: Sequence[int] = ()) -> Run:
+def train(task, spec: Spec, lr: float, seed: int, steps: int, probe: str, checkpoints: Sequence[int] = (),
+          watch=None) -> Run:  # fmt: skip
     """``steps`` steps of ``spec`` from the task's initial model, the minibatches of (seed, step), the
     demo's warm-up + cosine schedule; validation and test loss at the end (and at ``checkpoints``).
-    A non-finite training loss ends the run as diverged (val = test = inf)."""
+    A non-finite training loss ends the run as diverged (val = test = inf). ``watch(opt, model)``,
+    when given, returns an object whose ``after_step(done)`` is called after every step (outside the
+    timing) and whose ``record()`` goes to ``Run.extra``."""
     model = task.model(seed)
     opt = build(spec, model, lr, seed, steps, task.rank, probe)
+    watcher = watch(opt, model) if watch is not None else None
     sched = warmup_cosine(opt, steps)
     counter = PassCounter()
     at: dict[int, tuple[float, float]] = {}
@@ -363,6 +449,8 @@ def train(task, spec: Spec, lr: float, seed: int, steps: int, probe: str, checkp
         if not math.isfinite(float(loss)):
             diverged = True
             break
+        if watcher is not None:
+            watcher.after_step(done)
         if done in checkpoints and done < steps:
             at[done] = (task.evaluate(model, "val"), task.evaluate(model, "test"))
     val, test = (math.inf, math.inf) if diverged else (task.evaluate(model, "val"), task.evaluate(model, "test"))
@@ -372,7 +460,10 @@ def train(task, spec: Spec, lr: float, seed: int, steps: int, probe: str, checkp
     for c in checkpoints:
         at.setdefault(c, (math.inf, math.inf))
     skipped = int(getattr(opt, "skipped_steps", 0))
-    return Run(val, test, elapsed * 1e3 / max(1, done), counter.forward, skipped, diverged, at)
+    run = Run(val, test, elapsed * 1e3 / max(1, done), counter.forward, skipped, diverged, at)
+    if watcher is not None:
+        run.extra, run.watcher = watcher.record(), watcher
+    return run
 
 
 class Grid:
@@ -399,13 +490,15 @@ class Grid:
         for lr in self.runs:
             v = self.mean_val(lr, seeds)
             star = "*" if lr == self.chosen else ""
-            parts.append(f"{fmt_lr(lr)}{star} {v:.5f}" if math.isfinite(v) else f"{fmt_lr(lr)}{star} div")
+            text = "div" if not math.isfinite(v) else f"{v:.5f}" if v < 1e3 else f"{v:.1e}"  # blown up, finite
+            parts.append(f"{fmt_lr(lr)}{star} {text}")
         return ", ".join(parts)
 
     def record(self) -> dict:
         return {
             fmt_lr(lr): {s: {"val": r.val, "test": r.test, "skipped": r.skipped, "ms_per_step": r.ms_per_step,
-                             **({"at": {k: list(v) for k, v in r.at.items()}} if len(r.at) > 1 else {})}
+                             **({"at": {k: list(v) for k, v in r.at.items()}} if len(r.at) > 1 else {}),
+                             **r.extra}
                          for s, r in rs.items()}
             for lr, rs in self.runs.items()
         }  # fmt: skip
@@ -638,7 +731,356 @@ def zeroth_order(report, task, s: Settings, lrs: Sequence[float], forwards: int,
         log(f"  ZO {task.short} {spec.label}: lr {fmt_lr(best)}, test {m:.4f} ± {se:.4f}")
 
 
+# ---------------------------------------------------------------- part 4: LOREN's covariance at equal forward passes
+
+
+class LSModel(nn.Module):
+    """``<X, A>`` for a batch of feature matrices ``A`` (``B x m x n``): the least-squares model."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init.clone())
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats * self.weight).sum((1, 2))
+
+
+class LSTask:
+    """Least squares of condition number ``ls_kappa`` whose one sharp direction lies in LOREN's
+    covariance family, started at the bottom of that direction (module docstring, part 4)."""
+
+    def __init__(self, s: Settings):
+        self.s = s
+        m, n = s.ls_shape
+        d = m * n
+        f64 = torch.float64
+        g = torch.Generator().manual_seed(DATA_SEED)
+        u = torch.randn(n, generator=g, dtype=f64)
+        self.u = u / u.norm()
+        self.q1 = torch.outer(torch.ones(m, dtype=f64), self.u).reshape(-1) / math.sqrt(m)
+        basis = torch.randn(d, d, generator=g, dtype=f64)
+        basis[:, 0] = self.q1
+        q, r = torch.linalg.qr(basis)
+        q = q * torch.sign(torch.diagonal(r))  # the first column is q1 itself
+        h = torch.ones(d, dtype=f64)
+        h[0] = s.ls_kappa
+        self.hessian = (q * h) @ q.T  # of the population loss, on vec(X) (row-major)
+        total = s.ls_train + s.ls_val + s.ls_test
+        feats = torch.randn(total, d, generator=g, dtype=f64) @ ((q * h.sqrt()) @ q.T)
+        self.target = torch.randn(d, generator=g, dtype=f64)
+        y = feats @ self.target + s.ls_noise * torch.randn(total, generator=g, dtype=f64)
+        err = torch.randn(d, generator=g, dtype=f64)
+        err -= (err @ self.q1) * self.q1
+        err *= math.sqrt(2.0) / err.norm()  # orthogonal to q1, excess loss 0.5 |err|^2 = 1
+        self.init = (self.target - err).reshape(m, n).float()
+        feats, y = feats.float().reshape(total, m, n), y.float()
+        tr, va = s.ls_train, s.ls_train + s.ls_val
+        self.train, self.val, self.test = (feats[:tr], y[:tr]), (feats[tr:va], y[tr:va]), (feats[va:], y[va:])
+        self.short = f"LS {m}x{n}"
+        self.name = f"LS {m}x{n}, condition {s.ls_kappa:g}"
+        self.rank = 4  # unused: no low-rank optimizer runs here
+        self.order: dict = {}
+
+    def model(self, seed: int) -> nn.Module:
+        return LSModel(self.init)  # the same start for every seed
+
+    def batch(self, seed: int, step: int):
+        idx = epoch_order(self.order, self.s.ls_train, self.s.ls_batch, seed, step)
+        return self.train[0][idx], self.train[1][idx]
+
+    @staticmethod
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        return 0.5 * (model(batch[0]) - batch[1]).square().mean()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> float:
+        return float(self.loss(model, getattr(self, split)))
+
+
+def row_image(a: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``a_bar``: the ``m x n`` matrix whose rows all equal ``a``, in the parameter's shape."""
+    m, n = lk.matrix_dims(param)
+    return a.reshape(1, n).expand(m, n).reshape(param.shape)
+
+
+class CovarianceWatch:
+    """LOREN's ``a`` during one run: ``||a_t|| / ||a_0||`` (mean over the parameters) and, on the least
+    squares, ``|cos(a_t, u)|`` at ``points``; the relative step of ``a`` (``covariance_steps()``,
+    mean over parameters and steps); the final parameters and ``a`` (for ``damped_share``).
+    ``oracle``: ``a`` is set to ``u ||a_0||`` before the first step (least squares only)."""
+
+    def __init__(self, task, opt, model: nn.Module, points: Sequence[int], oracle: bool = False):
+        self.task, self.opt, self.model, self.points = task, opt, model, set(points)
+        self.names = {id(p): name for name, p in model.named_parameters()}
+        self.params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        self.damping = {self.names[id(p)]: float(g["damping"]) for g in opt.param_groups for p in g["params"]}
+        # the state step 1 would create (a_0 and the momentum buffers), created now to read a_0
+        opt._init_states(opt._slots())
+        if oracle:
+            for p in self.params:
+                a = opt.state[p]["a"]
+                a.copy_(task.u.to(a) * a.norm())
+        self.a0 = {self.names[id(p)]: opt.state[p]["a"].clone() for p in self.params}
+        self.norm, self.cos = {}, {}
+        self.step_sum, self.steps = 0.0, 0
+        self.look(0)
+
+    def current(self) -> dict[str, torch.Tensor]:
+        return {self.names[id(p)]: self.opt.state[p]["a"] for p in self.params}
+
+    def look(self, done: int) -> None:
+        a = self.current()
+        self.norm[done] = statistics.fmean(float(a[k].norm() / self.a0[k].norm()) for k in a)
+        if isinstance(self.task, LSTask):
+            (v,) = a.values()
+            self.cos[done] = abs(float(v.double() @ self.task.u / v.norm()))
+
+    def after_step(self, done: int) -> None:
+        self.step_sum += statistics.fmean(self.opt.covariance_steps().values())
+        self.steps += 1
+        if done in self.points:
+            self.look(done)
+
+    def record(self) -> dict:
+        """The numbers for the JSON; keeps copies of the final parameters and ``a`` and lets go of the
+        optimizer and the model."""
+        self.final = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        self.a_final = {k: v.clone() for k, v in self.current().items()}
+        self.opt = self.model = self.params = None
+        out = {"a_norm": dict(self.norm), "a_step": self.step_sum / max(1, self.steps)}
+        if self.cos:
+            out["cos_a_u"] = dict(self.cos)
+        return out
+
+
+def hessian_forms(task, model: nn.Module, vectors: Sequence[dict[str, torch.Tensor]]) -> list[float]:
+    """``v^T H v`` for each ``v`` (parameter name -> tensor, the others zero); ``H`` the Hessian of the
+    task's loss on ``task.curvature_batch`` at the model's parameters (autograd, double backward)."""
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # twice differentiable
+        loss = task.loss(model, task.curvature_batch)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        out = []
+        for vs in vectors:
+            dot = sum((g * vs[name]).sum() for (name, _), g in zip(named, grads) if name in vs)
+            hv = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
+            out.append(
+                float(sum((h * vs[name]).sum() for (name, _), h in zip(named, hv) if name in vs and h is not None))
+            )
+    return out
+
+
+def damped_share(task, w: CovarianceWatch, probes: int) -> tuple[float, float]:
+    """The share of ``tr(H)`` that ``Sigma(a)`` removes, ``sum_p a_bar_p^T H a_bar_p / (lambda + s_p) / tr(H)``
+    (``tr(H Sigma) = tr(H) - that``; ``H`` the Hessian at the final parameters), for ``a_0`` and for
+    the final ``a``. Least squares: the population Hessian, exactly; otherwise the Hessian of the loss
+    on ``task.curvature_batch``, its blocks' quadratic forms by autograd and ``tr(H)`` by ``probes``
+    Rademacher vectors (Hutchinson)."""
+    model = task.model(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(w.final[name])
+    shapes = dict(model.named_parameters())
+
+    def bars(a: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, float]]:
+        return [(k, row_image(v, shapes[k]).double() if isinstance(task, LSTask) else row_image(v, shapes[k]),
+                 w.damping[k]) for k, v in a.items()]  # fmt: skip
+
+    sets = [bars(w.a0), bars(w.a_final)]
+    if isinstance(task, LSTask):
+        hess = task.hessian
+        trace = float(torch.trace(hess))
+        forms = [[float(v.reshape(-1) @ hess @ v.reshape(-1)) for _, v, _ in bs] for bs in sets]
+    else:
+        gen = torch.Generator().manual_seed(DATA_SEED)
+        rad = [{name: torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for name, p in shapes.items()}
+               for _ in range(probes)]  # fmt: skip
+        flat = [{k: v} for bs in sets for k, v, _ in bs]
+        values = hessian_forms(task, model, flat + rad)
+        trace = statistics.fmean(values[len(flat) :])
+        n = len(sets[0])
+        forms = [values[:n], values[n : 2 * n]]
+    out = []
+    for bs, fs in zip(sets, forms):
+        out.append(sum(f / (lam + float(v.square().sum())) for (_, v, lam), f in zip(bs, fs)) / trace)
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class Family:
+    """An optimizer whose variants (LOREN normalized: one per ``lr_cov``) are chosen among with the lr."""
+
+    label: str
+    specs: tuple[Spec, ...]
+    per_step: int  # forward passes per step
+    loren: bool = False
+    oracle: bool = False
+
+
+def cov_families(s: Settings, task) -> list[Family]:
+    K = s.loren_queries
+
+    def loren(form: str, mom: float, lr_cov: float | None = None, tag: str = "") -> Spec:
+        opts = (("num_queries", K), ("momentum", mom), ("covariance", form))
+        label = f"LOREN {tag or form} m={mom:g}"
+        if lr_cov is not None:
+            opts += (("lr_cov", lr_cov),)
+            label += f" lr_cov={fmt_lr(lr_cov)}"
+        return Spec(label, "Loren", rho=0.0, options=opts)
+
+    fams = [Family("MeZO", (Spec("MeZO", "MeZO", rho=0.0),), 2),
+            Family("MeZOAdam", (Spec("MeZOAdam", "MeZOAdam", rho=0.0),), 2)]  # fmt: skip
+    for mom in (0.9, 0.0):
+        fams.append(Family(f"LOREN paper m={mom:g}", (loren("paper", mom),), K, loren=True))
+        normalized = tuple(loren("normalized", mom, c) for c in s.cov_lr_covs)
+        fams.append(Family(f"LOREN normalized m={mom:g}", normalized, K, loren=True))
+        if isinstance(task, LSTask):
+            fams.append(Family(f"LOREN oracle m={mom:g}", (loren("paper", mom, tag="oracle"),), K, True, True))
+    return fams
+
+
+@dataclass
+class Chosen:
+    family: Family
+    grids: dict[str, Grid]  # by spec label
+    spec: Spec
+    lr: float
+    steps: int
+
+    @property
+    def runs(self) -> dict[int, Run]:
+        return self.grids[self.spec.label].runs[self.lr]
+
+    def lr_text(self) -> str:
+        lr_cov = dict(self.spec.options).get("lr_cov")
+        return fmt_lr(self.lr) + (f", lr_cov {fmt_lr(lr_cov)}" if lr_cov is not None else "")
+
+
+def run_family(task, fam: Family, s: Settings, lrs: Sequence[float], forwards: int, log) -> Chosen:
+    """Every (variant, lr) with the selection seeds; the one of lowest mean validation loss, then with
+    every seed."""
+    steps = forwards // fam.per_step
+    quarters = (steps // 4, steps // 2, 3 * steps // 4)
+    kw: dict = {"checkpoints": quarters}
+    if fam.loren:
+        kw["watch"] = lambda opt, model: CovarianceWatch(task, opt, model, (0, *quarters, steps), fam.oracle)
+    grids = {spec.label: run_grid(task, spec, lrs, s.cov_select_seeds, steps, log, **kw) for spec in fam.specs}
+    candidates = [(spec, lr) for spec in fam.specs for lr in lrs]
+    spec, lr = min(candidates, key=lambda c: grids[c[0].label].mean_val(c[1], s.cov_select_seeds))
+    run_grid(task, spec, [lr], s.seeds, steps, log, grid=grids[spec.label], **kw)
+    grids[spec.label].chosen = lr
+    chosen = Chosen(fam, grids, spec, lr, steps)
+    done = {r.forwards for r in chosen.runs.values() if not r.diverged}
+    if done - {steps * fam.per_step}:
+        raise RuntimeError(f"{fam.label}: forward passes {sorted(done)}, not {steps * fam.per_step}")
+    return chosen
+
+
+def at_lr(task, c: Chosen, lr: float, s: Settings, log) -> dict[int, Run]:
+    """The runs of ``c``'s chosen variant at ``lr`` with every seed (run now where missing)."""
+    steps, quarters = c.steps, (c.steps // 4, c.steps // 2, 3 * c.steps // 4)
+    kw: dict = {"checkpoints": quarters}
+    if c.family.loren:
+        kw["watch"] = lambda opt, model: CovarianceWatch(task, opt, model, (0, *quarters, steps), c.family.oracle)
+    g = c.grids[c.spec.label]
+    run_grid(task, c.spec, [lr], s.seeds, steps, log, grid=g, **kw)
+    return g.runs[lr]
+
+
+def fmt_series(values: dict[int, list[float]], fmt: str = "{:.3g}") -> str:
+    return ", ".join(fmt.format(statistics.fmean(v)) for _, v in sorted(values.items()))
+
+
+def covariance_part(report, task, s: Settings, lrs: Sequence[float], forwards: int, log, details: dict) -> None:
+    case = f"LOREN cov {task.name}, {forwards} forwards"
+    chosen: dict[str, Chosen] = {}
+    for fam in cov_families(s, task):
+        c = chosen[fam.label] = run_family(task, fam, s, lrs, forwards, log)
+        runs = c.runs
+        m, se = mean_se([r.test for r in runs.values()])
+        quarters = (c.steps // 4, c.steps // 2, 3 * c.steps // 4)
+        curve = ", ".join(fmt_pm(*mean_se([r.at[q][1] for r in runs.values()]), False) for q in quarters)
+        by_lr = "; ".join(
+            (f"lr_cov {fmt_lr(dict(sp.options)['lr_cov'])}: " if len(fam.specs) > 1 else "")
+            + c.grids[sp.label].summary(s.cov_select_seeds)
+            for sp in fam.specs
+        )
+        skipped = sum(r.skipped for g in c.grids.values() for rs in g.runs.values() for r in rs.values())
+        note = (f"{c.steps} steps; test at {', '.join(str(q * fam.per_step) for q in quarters)} forwards: {curve}; "
+                f"val by lr (seeds {','.join(map(str, s.cov_select_seeds))}): {by_lr}"
+                + (f"; {skipped} skipped steps in the grid" if skipped else ""))  # fmt: skip
+        add_row(report, case, fam.label, quantiles([r.ms_per_step for r in runs.values()]), "test loss", m, se,
+                len(runs), c.lr_text(), c.grids[c.spec.label].mean_val(c.lr), note)  # fmt: skip
+        for label, g in c.grids.items():
+            details[f"LOREN cov {task.short} / {label}"] = g.record()
+        log(f"  {task.short} {fam.label}: {c.lr_text()}, test {m:.5f} ± {se:.5f}")
+    # what a did: its norm, its direction (least squares), its steps, and the share of tr(H) it damps
+    for label, c in chosen.items():
+        if not c.family.loren:
+            continue
+        runs = {k: r for k, r in c.runs.items() if not r.diverged}
+        first = next(iter(runs.values()))
+        norms = {k: [r.extra["a_norm"][k] for r in runs.values()] for k in first.extra["a_norm"]}
+        m, se = mean_se(norms[c.steps])
+        shares = {k: damped_share(task, r.watcher, s.cov_hutchinson) for k, r in runs.items()}
+        d0, d1 = mean_se([x[0] for x in shares.values()]), mean_se([x[1] for x in shares.values()])
+        dd = mean_se([x[1] - x[0] for x in shares.values()])
+        note = f"‖a‖/‖a₀‖ at 0/25/50/75/100%: {fmt_series(norms, '{:.4g}')}"
+        if "cos_a_u" in first.extra:
+            cos = {k: [r.extra["cos_a_u"][k] for r in runs.values()] for k in first.extra["cos_a_u"]}
+            note += f"; |cos(a, u)|: {fmt_series(cos, '{:.3f}')}"
+        note += (f"; mean relative step of a {statistics.fmean(r.extra['a_step'] for r in runs.values()):.2e}"
+                 f"; share of tr(H) damped, a₀ {fmt_pm(*d0, False)}, a_T {fmt_pm(*d1, False)}, "
+                 f"change {fmt_pm(*dd)}")  # fmt: skip
+        add_row(report, f"LOREN cov, a: {task.name}", label, (math.nan,) * 3, "‖a_T‖/‖a₀‖", m, se, len(runs),
+                c.lr_text(), None, note)  # fmt: skip
+        for seed, x in shares.items():
+            details[f"LOREN cov {task.short} / {c.spec.label}"][fmt_lr(c.lr)][seed]["damped_share"] = list(x)
+        log(f"  {task.short} {label}: ‖a_T‖/‖a₀‖ {m:.4g}; {note}")
+    # paired by seed: each at its chosen settings, and (LOREN pairs) at the first one's lr
+    pairs = [(f"LOREN {f} m={mom:g}", f"LOREN paper m={mom:g}") for mom in (0.9, 0.0) for f in ("normalized", "oracle")]
+    pairs += [(label, "MeZO") for label, c in chosen.items() if c.family.loren and "oracle" not in label]
+    for a, b in pairs:
+        if a not in chosen:
+            continue
+        ca, cb = chosen[a], chosen[b]
+        ta, tb = {k: r.test for k, r in ca.runs.items()}, {k: r.test for k, r in cb.runs.items()}
+        m, se = mean_se([ta[k] - tb[k] for k in ta])
+        note = "each at its chosen settings"
+        if cb.family.loren:
+            same = at_lr(task, cb, ca.lr, s, log)
+            note = f"at the lr {fmt_lr(ca.lr)} of both: {fmt_pm(*mean_se([ta[k] - same[k].test for k in ta]))}"
+        add_row(report, f"LOREN cov, paired: {task.name}", f"{a} − {b}", (math.nan,) * 3, "Δ test loss", m, se,
+                len(ta), f"{ca.lr_text()} / {cb.lr_text()}", None, note, signed=True)  # fmt: skip
+        log(f"  paired {a} − {b}: {fmt_pm(m, se)}; {note}")
+
+
 # ---------------------------------------------------------------- main
+
+
+def merge_into(report: AscentReport, path: str) -> None:
+    """Put the rows of ``path`` (a JSON of this script) whose cases this run did not produce before this
+    run's rows; its details too (this run's win), and the record of which commit ran which parts."""
+    import json
+
+    with open(path) as f:
+        old = json.load(f)
+    mine = {r.case for r in report.rows}
+    kept = [common.Row(**r) for r in old["rows"] if r["case"] not in mine]
+    report.rows = kept + report.rows
+    details = old.get("details", {})
+    rows = {k: v for k, v in details.get("rows", {}).items() if k.split(" / ")[0] not in mine}
+    parts = details.get("parts") or {
+        "align,lm,mlp,zo": {**old["environment"], "seconds": details.get("seconds", math.nan)}
+    }
+    mine_parts = report.details.pop("parts")
+    merged = {**details, **report.details}
+    merged["rows"] = {**rows, **report.details.get("rows", {})}
+    merged["parts"] = {**{k: v for k, v in parts.items() if k not in mine_parts}, **mine_parts}
+    merged["seconds"] = sum(v["seconds"] for v in merged["parts"].values())
+    report.details = merged
+    report.commits = ", ".join(f"{v['commit']} ({k})" for k, v in merged["parts"].items())
 
 
 class AscentReport(common.Report):
@@ -648,9 +1090,12 @@ class AscentReport(common.Report):
         super().__init__(bench, device)
         self.settings = settings
         self.details: dict = {}
+        self.commits: str | None = None  # merged results: which commit ran which parts
 
     def to_json(self) -> dict:
         out = super().to_json()
+        if self.commits:
+            out["environment"]["commit"] = self.commits
         out["settings"] = dataclasses.asdict(self.settings)
         out["details"] = self.details
         return out
@@ -658,16 +1103,23 @@ class AscentReport(common.Report):
 
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--part", default="align,mlp,lm,zo", help="comma list of: align, mlp, lm, zo")
+    p.add_argument("--part", default="align,mlp,lm,zo,loren", help="comma list of: align, mlp, lm, zo, loren")
+    p.add_argument("--problems", default="ls,mlp,lm", help="part loren: comma list of ls, mlp, lm")
+    p.add_argument(
+        "--merge", default=None, help="a JSON this script wrote: keep its rows of the cases not rerun, add these"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: deterministic, shared machine)")
     p.add_argument("--md", default=None, help="also write the table here, as bench/run_all.py writes its .md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
     parts = {x.strip() for x in args.part.split(",") if x.strip()}
-    unknown = parts - {"align", "mlp", "lm", "zo"}
+    unknown = parts - {"align", "mlp", "lm", "zo", "loren"}
     if unknown:
         raise SystemExit(f"--part: unknown {sorted(unknown)}")
+    problems = [x.strip() for x in args.problems.split(",") if x.strip()] if "loren" in parts else []
+    if set(problems) - {"ls", "mlp", "lm"}:
+        raise SystemExit(f"--problems: unknown {sorted(set(problems) - {'ls', 'mlp', 'lm'})}")
     device = torch.device(args.device)
     report = AscentReport("ascent", device, s)
     t_start = time.perf_counter()
@@ -676,7 +1128,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", flush=True)
 
     mlp = MLPTask(s)
-    lm = LMTask(s, device) if parts & {"align", "lm", "zo"} else None
+    lm = LMTask(s, device) if parts & {"align", "lm", "zo"} or "lm" in problems else None
     if lm is not None:
         before = {split: lm.evaluate(lm.base, split) for split in ("val", "test")}
         report.details["LM pre-trained"] = {**before, "cached": bool(lm.pre_info.get("cached"))}
@@ -697,8 +1149,17 @@ def main(argv: list[str] | None = None) -> None:
         report.details["MLP initial"] = {split: mlp.evaluate(init, split) for split in ("val", "test")}
         zeroth_order(report, mlp, s, s.zo_mlp_grid, s.zo_mlp_forwards, log, report.details)
         zeroth_order(report, lm, s, s.zo_lm_grid, s.zo_lm_forwards, log, report.details)
+    for name in problems:
+        task = LSTask(s) if name == "ls" else mlp if name == "mlp" else lm
+        grid, forwards = getattr(s, f"cov_{name}_grid"), getattr(s, f"cov_{name}_forwards")
+        covariance_part(report, task, s, grid, forwards, log, report.details)
     report.details["seconds"] = time.perf_counter() - t_start
+    report.details["parts"] = {
+        ",".join(sorted(parts)): {**common.environment(device), "seconds": report.details["seconds"]}
+    }
     log("done")
+    if args.merge:
+        merge_into(report, args.merge)
     report.finish(args.json)
     if args.md:
         import run_all

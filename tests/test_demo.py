@@ -466,6 +466,77 @@ def test_bench_ascent_alignment_runs(tmp_path):
         assert norm == pytest.approx(0.05, rel=0.2 if "q=8" in r["provider"] else 1e-3), r["provider"]
 
 
+def test_bench_lowprec_drift_and_step_run(tmp_path):
+    # lr 0: exact probes leave bf16/fp16/fp32 weights bitwise (drift exactly 0), in-place probes
+    # drift in bf16 and fp16 and grow with the steps; the step rows carry the memory columns.
+    out, md = tmp_path / "rows.json", tmp_path / "rows.md"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python_api")])}
+    script = os.path.join(ROOT, "bench", "bench_lowprec.py")
+    cmd = [
+        sys.executable,
+        script,
+        "--quick",
+        "--part",
+        "drift,step",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+        "--md",
+        str(md),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {(r["case"], r["provider"]): r["metrics"] for r in json.loads(out.read_text())["rows"]}
+    for dtype in ("fp32", "bf16", "fp16"):
+        assert [rows[(f"drift {dtype}", "exact")][f"drift@{n}"] for n in (10, 100, 1000)] == [0.0, 0.0, 0.0]
+    for dtype in ("bf16", "fp16"):
+        inplace = [rows[(f"drift {dtype}", "inplace")][f"drift@{n}"] for n in (10, 100, 1000)]
+        assert 0 < inplace[0] < inplace[1] < inplace[2], (dtype, inplace)
+    for dtype in ("fp32", "bf16"):
+        for probe in ("inplace", "exact"):
+            m = rows[(f"MeZO step {dtype}", probe)]
+            assert m["peak_MB"] >= m["forward_peak_MB"] > m["params_MB"] > 0
+    assert "## lowprec" in md.read_text()
+
+
+def test_bench_ascent_loren_part_runs(tmp_path):
+    # Part "loren" at the quick sizes on the least squares (a few seconds): a row per optimizer; the
+    # paper form's a does not move (its step is below float32's resolution), the normalized form's
+    # moves by lr_cov per step, the oracle's stays at u; and --merge keeps an earlier run's rows.
+    earlier = tmp_path / "earlier.json"
+    old_row = {"bench": "ascent", "case": "ZO earlier", "provider": "MeZO", "median_ms": 1.0, "p20_ms": 1.0,
+               "p80_ms": 1.0, "metrics": {"metric": "test loss"}}  # fmt: skip
+    env = {"device": "cpu", "commit": "abc1234", "torch": "", "triton": "", "time": ""}
+    details = {"seconds": 5.0, "rows": {"ZO earlier / MeZO": {"mean": 1.0}}}
+    earlier.write_text(json.dumps({"bench": "ascent", "environment": env, "rows": [old_row], "details": details}))
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python_api")])}
+    script = os.path.join(ROOT, "bench", "bench_ascent.py")
+    cmd = [sys.executable, script, "--quick", "--part", "loren", "--problems", "ls", "--json", str(out),
+           "--merge", str(earlier)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert data["rows"][0]["case"] == "ZO earlier" and "abc1234 (align,lm,mlp,zo)" in data["environment"]["commit"]
+    rows = data["details"]["rows"]
+    assert "ZO earlier / MeZO" in rows and data["details"]["seconds"] > 5.0
+    forms = ["LOREN paper m=0.9", "LOREN normalized m=0.9", "LOREN oracle m=0.9"]
+    forms += [f.replace("0.9", "0") for f in forms]
+    case = "LOREN cov LS 8x8, condition 100, 200 forwards"
+    assert {k.split(" / ")[1] for k in rows if k.startswith(case + " /")} == {"MeZO", "MeZOAdam", *forms}
+    assert all(math.isfinite(rows[f"{case} / {f}"]["mean"]) for f in forms)
+    a_case = "LOREN cov, a: LS 8x8, condition 100"
+    notes = {r["provider"]: r["metrics"]["note"] for r in data["rows"] if r["case"] == a_case}
+    for mom in ("0.9", "0"):
+        assert rows[f"{a_case} / LOREN paper m={mom}"]["mean"] == 1.0
+        assert rows[f"{a_case} / LOREN normalized m={mom}"]["mean"] > 1.0
+        assert "mean relative step of a 1.00e-01" in notes[f"LOREN normalized m={mom}"]
+        assert "|cos(a, u)|: 1.000, 1.000, 1.000, 1.000, 1.000" in notes[f"LOREN oracle m={mom}"]
+    paired = {r["provider"] for r in data["rows"] if r["case"] == "LOREN cov, paired: LS 8x8, condition 100"}
+    assert "LOREN normalized m=0.9 − LOREN paper m=0.9" in paired and "LOREN paper m=0 − MeZO" in paired
+
+
 def test_bench_optimizer_step_runs(tmp_path):
     out = tmp_path / "rows.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python_api")])}

@@ -216,8 +216,8 @@ def test_lr_scheduler_drives_the_step():
 
 def test_state_layout_matches_the_memory_table():
     """docs/algorithms.md's table: MeZO none; MeZO-Adam, AdaZo-SAM two moments; LOREN momentum for
-    matrices plus the vectors a (and the scalar cov_step, the last covariance step's size); SAM the base
-    optimizer's state (its copies live only in a step)."""
+    matrices plus the vectors a (and the scalar cov_step, the last covariance step's size); SAM
+    the base optimizer's state (its copies live only in a step)."""
     x, y = mlp_data()
     expected = {
         "mezo": lambda p: set(),
