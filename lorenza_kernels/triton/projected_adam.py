@@ -46,21 +46,12 @@ import triton.language as tl
 from .._registry import register
 from .._shapes import matrix_dims
 from ..reference.projected_adam import adam_coefficients
+from ._common import mma
 from ._env import DEVICE_TYPES, INTERPRET
 from .rng import rounding_word_at, stochastic_round
 from .seeded_ops import _round
 
 _LOW = (torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _mma(a, b, acc, LOW_DOT: tl.constexpr, PREC: tl.constexpr):
-    """acc += a b: 16-bit operands as they are, or both in float32 at precision PREC."""
-    if LOW_DOT:
-        acc = tl.dot(a, b, acc)
-    else:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
-    return acc
 
 
 @triton.jit
@@ -98,7 +89,7 @@ def _projected_adam_step_down_kernel(
             mask=(kk[:, None] < K) & (offs_s[None, :] < S),
             other=0.0,
         )
-        acc = _mma(a, b, acc, LOW_DOT, PREC)
+        acc = mma(a, b, acc, LOW_DOT, PREC)
 
     # Adam epilogue, in the order and rounding of torch.optim.AdamW.
     c_n = tl.load(coef_ptr + 2 * layer)
@@ -126,16 +117,16 @@ def _lift_mma(q, x, acc, X_FIRST: tl.constexpr, SPLIT: tl.constexpr, LOW_DOT: tl
         hi = x.to(q.dtype)
         lo = (x - hi.to(tl.float32)).to(q.dtype)
         if X_FIRST:
-            acc = _mma(hi, q, acc, LOW_DOT, PREC)
-            acc = _mma(lo, q, acc, LOW_DOT, PREC)
+            acc = mma(hi, q, acc, LOW_DOT, PREC)
+            acc = mma(lo, q, acc, LOW_DOT, PREC)
         else:
-            acc = _mma(q, hi, acc, LOW_DOT, PREC)
-            acc = _mma(q, lo, acc, LOW_DOT, PREC)
+            acc = mma(q, hi, acc, LOW_DOT, PREC)
+            acc = mma(q, lo, acc, LOW_DOT, PREC)
     else:
         if X_FIRST:
-            acc = _mma(x, q, acc, False, PREC)
+            acc = mma(x, q, acc, False, PREC)
         else:
-            acc = _mma(q, x, acc, False, PREC)
+            acc = mma(q, x, acc, False, PREC)
     return acc
 
 

@@ -39,13 +39,12 @@ H100/H200.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from .._registry import register
+from ._common import device_guard, mma
 from ._env import DEVICE_TYPES, INTERPRET
 from .rng import normal_at, normals, philox_normals
 from .seeded_ops import _round
@@ -55,16 +54,6 @@ from .seeded_ops import _round
 _FILL = 264
 #: float32 operands: "tf32x3" (about float32 accuracy on tensor cores, see the module docstring).
 FP32_PRECISION = "tf32x3"
-
-
-@triton.jit
-def _mma(a, b, acc, LOW_DOT: tl.constexpr, PREC: tl.constexpr):
-    """acc += a b: 16-bit operands as they are, or both as float32 at precision PREC."""
-    if LOW_DOT:
-        acc = tl.dot(a, b, acc)
-    else:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
-    return acc
 
 
 @triton.jit(do_not_specialize=["seed", "w_stream", "b_stream"])
@@ -117,7 +106,7 @@ def _seeded_linear_kernel(
             z = normal_at(key, flat0[:, None] + kk[None, :], ws)
         # Outside W the tile is zero, not round(alpha z) (which may overflow a 16-bit dtype: 0 * Inf).
         wp = _round(tl.where(w_ok, w.to(tl.float32) + alpha * z, 0.0), DTYPE, RNE_BY_HAND)
-        acc = _mma(x, tl.trans(wp), acc, LOW_DOT, PREC)
+        acc = mma(x, tl.trans(wp), acc, LOW_DOT, PREC)
     if HAS_BIAS:
         # b'[n] = round(b[n] + alpha z(seed, b_stream, n)); the tile starts on a Philox block.
         b = tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0)
@@ -154,11 +143,6 @@ def config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": 3}
 
 
-def _device_guard(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @register("seeded_linear", "triton", DEVICE_TYPES)
 def seeded_linear(
     x: torch.Tensor,
@@ -183,7 +167,7 @@ def seeded_linear(
     cfg = config(M, N, K, weight.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     has_bias = bias is not None
-    with _device_guard(weight.device):
+    with device_guard(weight.device):
         _seeded_linear_kernel[grid](
             x2, weight, bias if has_bias else weight, y,
             seed, weight_stream, bias_stream if has_bias else 0, alpha,

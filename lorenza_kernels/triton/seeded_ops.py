@@ -29,14 +29,13 @@ arithmetic, not by bandwidth; float32 should come close to copy bandwidth.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from .._registry import register
 from . import _tables as T
+from ._common import device_guard
 from ._env import DEVICE_TYPES, INTERPRET
 from .rng import normal_at, normals, philox_normals, rounding_word_at, rounding_words, stochastic_round
 
@@ -412,11 +411,6 @@ def _seeded_colsum_finish_kernel(tab_ptr, partial_ptr, FBN: tl.constexpr):
     tl.store(out + cols, acc.to(tl.float32), mask=ok)
 
 
-def _device_guard(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @register("seeded_axpby_", "triton", DEVICE_TYPES)
 def seeded_axpby_(
     tensors: list[torch.Tensor],
@@ -447,7 +441,7 @@ def seeded_axpby_(
     if plan.work == 0:
         return norms.zero_()
     partial = torch.empty(plan.work, dtype=torch.float32, device=plan.device)
-    with _device_guard(plan.device):
+    with device_guard(plan.device):
         _seeded_axpby_kernel[(plan.work,)](
             plan.table,
             partial,
@@ -483,7 +477,7 @@ def seeded_colsum(
     if plan.finish == 0:  # every output is empty
         return plan.outputs
     partial = torch.empty(max(plan.partial_size, 1), dtype=torch.float32, device=plan.device)
-    with _device_guard(plan.device):
+    with device_guard(plan.device):
         if plan.work:  # zero when no tensor has rows: the outputs are then zeros
             _seeded_colsum_kernel[(plan.work,)](plan.table, partial, RB=col_rows, BN=col_block, num_warps=8)
         _seeded_colsum_finish_kernel[(plan.finish,)](plan.table, partial, FBN=fin_block, num_warps=4)
@@ -508,7 +502,7 @@ def stochastic_round_(
     plan = T.round_plan(dst, src, seed, streams, block * iters, offsets)
     if plan.work == 0:
         return
-    with _device_guard(plan.device):
+    with device_guard(plan.device):
         _stochastic_round_kernel[(plan.work,)](
             plan.table,
             BLOCK=block,
