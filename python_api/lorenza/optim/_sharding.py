@@ -297,25 +297,6 @@ def reduce_scatter_cols(mats: Sequence[torch.Tensor], group: Any) -> list[torch.
 
 
 def all_gather_cols(parts: Sequence[torch.Tensor], cols: Sequence[int], group: Any) -> list[torch.Tensor]:
-    """The full ``r x n`` matrices whose column shards (``col_range``) are ``parts``: ONE all-gather."""
-    world = dist.get_world_size(group)
-    if not parts:
-        return []
-    device = parts[0].device
-    chunks = [-(-n // world) for n in cols]
-    sizes = [c * p.shape[0] for c, p in zip(chunks, parts)]
-    buf = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-    pos = 0
-    for p, s in zip(parts, sizes):
-        buf[pos : pos + p.numel()] = p.t().reshape(-1)
-        pos += s
-    out = torch.empty(world * sum(sizes), dtype=torch.float32, device=device)
-    _all_gather_single(out, buf, group=group)
-    out = out.view(world, sum(sizes))
-    fulls, pos = [], 0
-    for n, c, p, s in zip(cols, chunks, parts, sizes):
-        r = p.shape[0]
-        block = out[:, pos : pos + s].reshape(world * c, r)[:n]
-        fulls.append(block.t().contiguous())
-        pos += s
-    return fulls
+    """The full ``r x n`` matrices whose column shards (``col_range``) are ``parts``: ONE all-gather
+    (:func:`all_gather_rows` of the transposes)."""
+    return [f.t().contiguous() for f in all_gather_rows([p.t() for p in parts], cols, group)]
