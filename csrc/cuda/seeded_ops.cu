@@ -36,9 +36,21 @@ namespace {
 
 // --- noise at any flat index ----------------------------------------------------------------
 
+// Values s .. s+3 out of the two groups of four w[0..7] that hold s rounded down to a multiple of
+// 4 and the group after it: the window is shifted by two conditional stages (by 1, then by 2), so
+// no register array is indexed at run time (which would spill it to local memory).
+template <typename T>
+__device__ __forceinline__ void window4(uint64_t s, const T w[8], T out[4]) {
+  const bool odd = s & 1u, two = s & 2u;
+  T v[6];
+#pragma unroll
+  for (int q = 0; q < 6; ++q) v[q] = odd ? w[q + 1] : w[q];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) out[q] = two ? v[q + 2] : v[q];
+}
+
 // z at flat indices s .. s+3 when s is not a multiple of 4: the tail of block s >> 2 and the head
-// of the next. The window is shifted by two conditional stages, so no register array is indexed
-// at run time (which would spill it to local memory).
+// of the next (window4).
 __device__ __forceinline__ void gaussian4_at(uint64_t s, uint32_t stream, const PhiloxKeys& ks, float z[4]) {
   if ((s & 3u) == 0) {
     gaussian4(s >> 2, stream, ks, z);
@@ -47,12 +59,7 @@ __device__ __forceinline__ void gaussian4_at(uint64_t s, uint32_t stream, const 
   float w[8];
   gaussian4(s >> 2, stream, ks, w);
   gaussian4((s >> 2) + 1, stream, ks, w + 4);
-  const bool odd = s & 1u, two = s & 2u;
-  float v[6];
-#pragma unroll
-  for (int q = 0; q < 6; ++q) v[q] = odd ? w[q + 1] : w[q];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) z[q] = two ? v[q + 2] : v[q];
+  window4(s, w, z);
 }
 
 // The rounding words of flat indices s .. s+3 when s is not a multiple of 4 (as gaussian4_at).
@@ -60,12 +67,7 @@ __device__ __forceinline__ void rounding4_at(uint64_t s, uint32_t stream, const 
   uint32_t w[8];
   rounding4(s >> 2, stream, rks, w);
   rounding4((s >> 2) + 1, stream, rks, w + 4);
-  const bool odd = s & 1u, two = s & 2u;
-  uint32_t v[6];
-#pragma unroll
-  for (int q = 0; q < 6; ++q) v[q] = odd ? w[q + 1] : w[q];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) x[q] = two ? v[q + 2] : v[q];
+  window4(s, w, x);
 }
 
 // The normals (rounding words) of flat indices s .. s+3: one Philox call when s is a multiple of 4
