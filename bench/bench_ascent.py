@@ -377,17 +377,6 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return m, se
 
 
-def quantiles(ms: Sequence[float]) -> tuple[float, float, float]:
-    xs = sorted(ms)
-    if not xs:
-        return math.nan, math.nan, math.nan
-
-    def q(p: float) -> float:
-        return xs[min(len(xs) - 1, int(p * (len(xs) - 1) + 0.5))]
-
-    return statistics.median(xs), q(0.2), q(0.8)
-
-
 def fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
@@ -615,8 +604,8 @@ def alignment(report, task, a: Align, specs, log, details: dict) -> None:
             pm, pse = mean_se(cos_proj)
             note += f"; projected matrices: {statistics.fmean(shares):.1%} of ‖eps‖², cos there {pm:.3f} ± {pse:.3f}"
         provider = spec.label + ("" if spec.name == "SAM" else f" q={q}")
-        add_row(report, "alignment " + task.short, provider, quantiles(ms), "cos(eps, grad)", m, se, len(cos_all),
-                fmt_lr(lr), None, note)  # fmt: skip
+        add_row(report, "alignment " + task.short, provider, common.quantiles(ms), "cos(eps, grad)", m, se,
+                len(cos_all), fmt_lr(lr), None, note)  # fmt: skip
         details[f"alignment {task.short} / {provider}"] = {
             "step": steps_seen,
             "cos": cos_all,
@@ -676,7 +665,7 @@ def generalization(report, task, s: Settings, lrs: Sequence[float], steps: int, 
         skipped = sum(r.skipped for rs in g.runs.values() for r in rs.values())
         note = "val by lr: " + g.summary() + (f"; {skipped} skipped steps in the grid" if skipped else "")
         add_row(
-            report, "generalization " + task.name, spec.label, quantiles([r.ms_per_step for r in runs.values()]),
+            report, "generalization " + task.name, spec.label, common.quantiles([r.ms_per_step for r in runs.values()]),
             "test loss", m, se, len(runs), fmt_lr(best), g.mean_val(best), note,
         )  # fmt: skip
         details[f"generalization {task.short} / {spec.label}"] = g.record()
@@ -720,7 +709,7 @@ def zeroth_order(report, task, s: Settings, lrs: Sequence[float], forwards: int,
         m, se = mean_se([r.test for r in runs.values()])
         mh, seh = mean_se([r.at[half][1] for r in runs.values()])
         skipped = sum(r.skipped for rs in g.runs.values() for r in rs.values())
-        times = quantiles([r.ms_per_step for r in runs.values()])
+        times = common.quantiles([r.ms_per_step for r in runs.values()])
         add_row(
             report, f"ZO {task.name}, {forwards} forwards", spec.label, times,
             "test loss", m, se, len(runs), fmt_lr(best), g.mean_val(best),
@@ -1010,7 +999,7 @@ def covariance_part(report, task, s: Settings, lrs: Sequence[float], forwards: i
         note = (f"{c.steps} steps; test at {', '.join(str(q * fam.per_step) for q in quarters)} forwards: {curve}; "
                 f"val by lr (seeds {','.join(map(str, s.cov_select_seeds))}): {by_lr}"
                 + (f"; {skipped} skipped steps in the grid" if skipped else ""))  # fmt: skip
-        add_row(report, case, fam.label, quantiles([r.ms_per_step for r in runs.values()]), "test loss", m, se,
+        add_row(report, case, fam.label, common.quantiles([r.ms_per_step for r in runs.values()]), "test loss", m, se,
                 len(runs), c.lr_text(), c.grids[c.spec.label].mean_val(c.lr), note)  # fmt: skip
         for label, g in c.grids.items():
             details[f"LOREN cov {task.short} / {label}"] = g.record()

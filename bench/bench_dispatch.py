@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -296,8 +295,9 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
         base = model.state_dict()
         closure = TimedClosure(model, tokens, device)
         adamw = _adamw_ms(model, closure, steps, device)
-        a_med = statistics.median(adamw)
-        report.add(f"{layers} layers", "AdamW(foreach).step", (a_med, *_q(adamw)), op_calls=0, lk_ms=0.0, x_adamw=1.0)
+        a_q = common.quantiles(adamw)
+        a_med = a_q[0]
+        report.add(f"{layers} layers", "AdamW(foreach).step", a_q, op_calls=0, lk_ms=0.0, x_adamw=1.0)
         for name in names:
             model.load_state_dict(base)
             # update_interval beyond the measured steps: the refresh at step 1 is excluded below.
@@ -308,13 +308,8 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
                 opt.step(closure)
             calls, in_probe, kernel_ms = _op_calls(opt, closure)
             ms = _optimizer_ms(opt, closure, steps, device)
-            med = statistics.median(ms)
-            report.add(f"{layers} layers", name, (med, *_q(ms)), op_calls=calls, lk_ms=kernel_ms, x_adamw=med / a_med)
-
-
-def _q(xs: list[float]) -> tuple[float, float]:
-    s = sorted(xs)
-    return s[int(0.2 * (len(s) - 1) + 0.5)], s[int(0.8 * (len(s) - 1) + 0.5)]
+            q = common.quantiles(ms)
+            report.add(f"{layers} layers", name, q, op_calls=calls, lk_ms=kernel_ms, x_adamw=q[0] / a_med)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,6 @@ import collections
 import datetime
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -239,10 +238,9 @@ def main(argv: list[str] | None = None) -> str:
     table = "\n".join(lines)
     report = common.Report("distributed", "cpu")
     for name, world, r in rows:
-        t = r["times"]
-        timing = (statistics.median(t), t[int(0.2 * (len(t) - 1) + 0.5)], t[int(0.8 * (len(t) - 1) + 0.5)])
-        report.add(f"{world} ranks", name, timing, state_B=r["state"], grad_B=r["grad"], lorenza_B_step=r["lorenza"],
-                   fsdp_B_step=r["fsdp"], gather_instead_B_step=r["gather"] or None)  # fmt: skip
+        report.add(f"{world} ranks", name, common.quantiles(r["times"]), state_B=r["state"], grad_B=r["grad"],
+                   lorenza_B_step=r["lorenza"], fsdp_B_step=r["fsdp"],
+                   gather_instead_B_step=r["gather"] or None)  # fmt: skip
     report.finish(args.json)
     print()
     print(table)

@@ -164,7 +164,7 @@ def _finetune_row(report, case, provider, name, model, train, heldout, steps, se
     mean = sum(gains) / len(gains)
     se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5 if len(gains) > 1 else None
     report.add(
-        case, provider, _quantiles(times), start=initial, gain=mean, gain_se=se,
+        case, provider, common.quantiles(times), start=initial, gain=mean, gain_se=se,
         of_fp32=mean / ref if ref else None, seeds=len(gains), gains=" ".join(f"{g:+.4f}" for g in gains),
         error="; ".join(errors) or None,
     )  # fmt: skip
@@ -200,7 +200,7 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
                 opt.step(closure)
                 common.sync(dev)
                 times[probe].append((time.perf_counter() - t0) * 1e3)
-        quantiles = {probe: _quantiles(v) for probe, v in times.items()}
+        quantiles = {probe: common.quantiles(v) for probe, v in times.items()}
         for probe, (model, _, _, fwd_peak, peak) in runs.items():
             params = module_bytes(model)
             largest = max(p.numel() * p.element_size() for p in model.parameters())
@@ -211,16 +211,6 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
                 forward_peak_MB=fwd_peak / 2**20, over_forward_MB=(peak - fwd_peak) / 2**20,
                 over_forward_of_params=(peak - fwd_peak) / params, x_inplace=t[0] / quantiles["inplace"][0],
             )  # fmt: skip
-
-
-def _quantiles(times: list[float]) -> tuple[float, float, float]:
-    """(median, p20, p80) of ``times``."""
-    v = sorted(times)
-
-    def q(p: float) -> float:
-        return v[min(len(v) - 1, int(p * (len(v) - 1) + 0.5))]
-
-    return q(0.5), q(0.2), q(0.8)
 
 
 def main(argv: list[str] | None = None) -> None:

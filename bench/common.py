@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -52,12 +53,19 @@ def measure(
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    return quantiles(times)
+
+
+def quantiles(ms: Sequence[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of ``ms`` (nan for none); the quantiles are the nearest ranks."""
+    xs = sorted(ms)
+    if not xs:
+        return math.nan, math.nan, math.nan
 
     def q(p: float) -> float:
-        return times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]
+        return xs[min(len(xs) - 1, int(p * (len(xs) - 1) + 0.5))]
 
-    return statistics.median(times), q(0.2), q(0.8)
+    return statistics.median(xs), q(0.2), q(0.8)
 
 
 def extra_peak_bytes(
