@@ -42,7 +42,6 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python_api"))
 
 from lorenza.demo import optimizers
-from lorenza.demo import train as demo_train
 from lorenza.demo.data import Batches, byte_tokens, load_corpus
 from lorenza.demo.memory import PeakMemory, module_bytes
 from lorenza.demo.model import LlamaLM, lm_loss, parse_size
@@ -130,32 +129,29 @@ def autocast_rows(report: common.Report, device: str, quick: bool) -> None:
     base, train, heldout = _setup(device, quick)
     steps = 30 if quick else 500
     seeds = FINETUNE_SEEDS["MeZO"]
-    full = demo_train.lm_loss
 
     def loss(model, batch):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            return full(model, batch)
+            return lm_loss(model, batch)
 
-    demo_train.lm_loss = loss  # the name train.py's closures and evaluate() call
-    try:
-        _finetune_row(report, f"fine-tune fp32 weights, bf16 autocast forward {steps} steps", "MeZO exact", "MeZO",
-                      base.to(torch.float32), train, heldout, steps, seeds[:1] if quick else seeds, "exact", True,
-                      device, None)  # fmt: skip
-    finally:
-        demo_train.lm_loss = full
+    _finetune_row(report, f"fine-tune fp32 weights, bf16 autocast forward {steps} steps", "MeZO exact", "MeZO",
+                  base.to(torch.float32), train, heldout, steps, seeds[:1] if quick else seeds, "exact", True,
+                  device, None, loss)  # fmt: skip
 
 
-def _finetune_row(report, case, provider, name, model, train, heldout, steps, seeds, probe, sr, device, ref) -> float:
+def _finetune_row(
+    report, case, provider, name, model, train, heldout, steps, seeds, probe, sr, device, ref, loss_fn=lm_loss
+) -> float:
     """Fine-tune ``model`` with optimizer ``name`` once per seed; one row: the mean held-out gain,
     its standard error, each seed's, and the mean over ``ref`` (the float32 mean) when given."""
     dev = torch.device(device)
-    initial = evaluate(model.to(dev), heldout)
+    initial = evaluate(model.to(dev), heldout, loss_fn)
     model.cpu()
     gains, times, errors = [], [], []
     for seed in seeds:
         hp = optimizers.Hyper(steps=steps, seed=seed, options={"probe": probe, "stochastic_rounding": sr})
         t0 = time.perf_counter()
-        res = finetune(name, model, train, heldout, steps, hp, dev, initial, steps, None)
+        res = finetune(name, model, train, heldout, steps, hp, dev, initial, steps, None, loss_fn=loss_fn)
         times.append((time.perf_counter() - t0) * 1e3 / steps)
         gains.append(initial - res.heldout_loss)
         errors += [res.error] if res.error else []

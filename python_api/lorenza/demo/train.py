@@ -67,11 +67,12 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sche
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> float:
-    """Mean next-token loss over the held-out batches (each batch weighs the same)."""
+def evaluate(model: nn.Module, batches: list[torch.Tensor], loss_fn=lm_loss) -> float:
+    """Mean next-token loss (``loss_fn(model, batch)``) over the held-out batches (each batch
+    weighs the same)."""
     was_training = model.training
     model.eval()
-    total = sum(float(lm_loss(model, b)) for b in batches) / max(1, len(batches))
+    total = sum(float(loss_fn(model, b)) for b in batches) / max(1, len(batches))
     model.train(was_training)
     return total
 
@@ -163,12 +164,14 @@ def finetune(
     eval_every: int,
     progress=None,
     step_weight: float = 1.0,
+    loss_fn=lm_loss,
 ) -> RunResult:
     """Fine-tune a copy of ``base_model`` with optimizer ``name`` for ``steps`` steps.
 
     A run whose training loss stops being finite ends early and is reported as diverged in
     ``RunResult.error`` (a result worth showing); any exception is a bug and propagates. Each step
     advances ``progress`` by ``step_weight`` (its estimated seconds, :func:`calibrate`).
+    ``loss_fn(model, batch)`` is the loss of the steps and of the held-out evaluation.
     """
     model = copy.deepcopy(base_model).to(device)
     model.eval()
@@ -181,13 +184,13 @@ def finetune(
         batch = train.train(step - 1, device)
         sync(device)
         t0 = time.perf_counter()
-        loss = closure_step(opt, lambda: lm_loss(model, batch), counter=counter)
+        loss = closure_step(opt, lambda: loss_fn(model, batch), counter=counter)
         sync(device)
         times.append(time.perf_counter() - t0)
         sched.step()
         result.train_loss.append(float(loss))
         if step % eval_every == 0 or step == steps:
-            result.curve.append((step, evaluate(model, heldout)))
+            result.curve.append((step, evaluate(model, heldout, loss_fn)))
         if progress is not None:
             progress.update(step_weight, name, result.train_loss[-1])
         if not math.isfinite(result.train_loss[-1]):
@@ -219,7 +222,7 @@ def finetune(
     result.fwd_per_step = counter.forward / max(1, len(times))
     result.bwd_per_step = counter.backward / max(1, len(times))
     if result.curve[-1][0] != len(times) and result.error is None:
-        result.curve.append((len(times), evaluate(model, heldout)))
+        result.curve.append((len(times), evaluate(model, heldout, loss_fn)))
     result.heldout_loss = result.curve[-1][1] if result.error is None else math.nan
     result.perplexity = math.exp(min(result.heldout_loss, 700.0)) if math.isfinite(result.heldout_loss) else math.nan
     return result
