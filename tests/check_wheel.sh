@@ -10,7 +10,14 @@ trap 'rm -rf "$work"' EXIT
 cd "$root"
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" .
 wheel=$(ls "$work"/dist/lorenza-*.whl)
-unzip -l "$wheel" | grep -q "lorenza_kernels/_C" || { echo "check_wheel: _C missing from $wheel"; exit 1; }
+# The listing is read by Python, not `unzip -l | grep -q`: under pipefail, grep -q leaving at the first
+# match can kill unzip with SIGPIPE and fail the pipeline (and unzip need not be installed).
+"$PY" - "$wheel" <<'PY' || exit 1
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+if not any(n.startswith("lorenza_kernels/_C") and n.endswith((".so", ".pyd")) for n in names):
+    sys.exit(f"check_wheel: _C missing from {sys.argv[1]}")
+PY
 base=$("$PY" -c "import sys; print(sys.base_prefix)")
 "$base/bin/python3" -m venv "$work/env"
 site=$("$work/env/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
