@@ -144,6 +144,42 @@ def test_batched_equals_looped(backend, side):
             torch.testing.assert_close(stacked[k][i], want[k], atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("rs", [0.0, 0.5])
+@pytest.mark.parametrize("side", SIDES)
+def test_cpu_foreach_epilogue_equals_the_chunked_one(side, rs, monkeypatch):
+    """The CPU backend runs the Adam epilogue of small float32-moment layers as grouped
+    ``torch._foreach_*`` calls, the rest chunk by chunk per layer: the same ops, the same bits.
+    A batch with mixed steps, grouped three ways (groups of two layers, one layer each, one group
+    for all), against the per-layer chunked path."""
+    require_backend(OP, "cpu", "cpu")
+    from lorenza_kernels.cpu import projected_adam as cpu_impl
+
+    shapes = [(13, 5)] * 6  # one batch, one shape
+    layers = [_layer(shape, 3, side) for shape in shapes]
+    grads = [torch.randn(shape) for shape in shapes]
+    steps = [random.randint(1, 9) for _ in shapes]
+
+    def run(chunk: int, group_numel: int) -> list[list[torch.Tensor]]:
+        monkeypatch.setattr(cpu_impl, "_ADAM_CHUNK", chunk)
+        monkeypatch.setattr(cpu_impl, "_FOREACH_NUMEL", group_numel)
+        out = [[t.clone() for t in layer] for layer in layers]
+        ws, qs, mas, vas = (list(x) for x in zip(*out))
+        with lk.use_backend("cpu"):
+            lk.projected_adam_step_batched_(ws, grads, qs, mas, vas, step=steps, side=side, residual_scale=rs, **HYPER)
+        return out
+
+    pair = 2 * layers[0][2].numel()  # a group holds two layers' moments
+    chunked = run(7, 0)  # every layer alone, in chunks of 7 elements
+    assert len(cpu_impl._groups([t[2] for t in layers], [t[3] for t in layers])) == len(shapes)
+    for chunk, group_numel in ((1 << 16, pair), (1 << 16, 0), (1 << 16, 1 << 20)):
+        got = run(chunk, group_numel)
+        for i, (a, b) in enumerate(zip(got, chunked)):
+            for k in (0, 2, 3):  # param, exp_avg, exp_avg_sq
+                assert torch.equal(a[k], b[k]), f"layer {i}, tensor {k}, groups of {group_numel} elements"
+    monkeypatch.setattr(cpu_impl, "_FOREACH_NUMEL", pair)
+    assert len(cpu_impl._groups([t[2] for t in layers], [t[3] for t in layers])) == 3
+
+
 def test_empty_param_is_a_no_op():
     w, q = torch.empty(4, 0), _basis(4, 2)
     ma, va = torch.empty(2, 0), torch.empty(2, 0)

@@ -9,7 +9,13 @@ does not need (docs/kernels.md section 2). Per layer:
 2. Adam on R, in place on M and V, then the coefficient matrix of the lift, in R's shape:
    ``X = c_n M / (sqrt(V) / sqrt(bc2) + eps) + lr rs R`` with ``c_n = -lr scale / bc1``,
    done in chunks that stay in the L2 cache (the moments are r/m of the parameter, but a dozen
-   elementwise passes over them would otherwise rival the parameter's own traffic).
+   elementwise passes over them would otherwise rival the parameter's own traffic). Layers whose
+   float32 moments fit in one chunk are done together instead, a group of consecutive layers per
+   ``torch._foreach_*`` call (at most ``_FOREACH_NUMEL`` moment elements per group, so its
+   temporaries stay bounded): with one torch call per pass per layer, a batch of small layers
+   spent more time in the calls than in the arithmetic (measured: 96 layers of 344 x 128 at
+   rank 32 took 17 ms per batched step against 8 ms for its two GEMMs). The same elementwise ops
+   in the same order: the bits are those of the per-layer chunks.
 3. ``W <- a W + b G + lift(X)`` with ``a = 1 - lr wd``, ``b = -lr rs``, per block of rows: the
    block of W gets ``b G`` added (as ``W + (b/a) G``, so that the GEMM's own ``beta = a`` applies
    the decay), then ``addmm_`` writes ``a W + Q X`` into it. A block stays in cache between the
@@ -46,6 +52,9 @@ _BLOCK_BYTES = 1 << 22
 #: Elements per chunk of the Adam epilogue: its chunks of R, M, V and the denominator (1 MiB in
 #: float32) stay in L2 across its ten elementwise passes.
 _ADAM_CHUNK = 1 << 16
+#: Moment elements of one group of small layers whose Adam epilogue runs as ``torch._foreach_*``
+#: calls (each pass allocates at most this many float32 temporaries).
+_FOREACH_NUMEL = 1 << 20
 _F32 = torch.float32
 
 
@@ -130,19 +139,70 @@ def _lift_(W, G, Q, X, side: str, a: float, b: float, rounding: tuple[int, int] 
             _write_back(w, w32, offset + s * n, rounding)
 
 
+def _adam_foreach_(Rs, Ms, Vs, beta1, beta2, eps, c_ns, sqrt_bc2s, c_r) -> list[torch.Tensor]:
+    """:func:`_adam_` over a list of layers (float32 moments), one ``torch._foreach_*`` call per
+    pass; the same ops in the same order, so the same bits. Returns the coefficient matrices X
+    (``Rs``' tensors, or fresh ones when ``c_r == 0``)."""
+    torch._foreach_lerp_(Ms, Rs, 1.0 - beta1)
+    torch._foreach_mul_(Vs, beta2)
+    torch._foreach_addcmul_(Vs, Rs, Rs, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(Vs)
+    torch._foreach_div_(denom, sqrt_bc2s)
+    torch._foreach_add_(denom, eps)
+    if c_r != 0.0:
+        torch._foreach_mul_(Rs, c_r)
+        torch._foreach_addcdiv_(Rs, Ms, denom, c_ns)
+        return Rs
+    X = torch._foreach_div(Ms, denom)
+    torch._foreach_mul_(X, c_ns)
+    return X
+
+
+def _groups(exp_avgs, exp_avg_sqs) -> list[list[int]]:
+    """Consecutive layers in groups: a layer alone (the chunked epilogue) unless its moments are
+    float32 and fit in one chunk; such small layers together up to ``_FOREACH_NUMEL`` elements."""
+    groups: list[list[int]] = []
+    open_numel = None  # numel of the open group of small layers, None when there is none
+    for k, (M, V) in enumerate(zip(exp_avgs, exp_avg_sqs)):
+        numel = M.numel()
+        if M.dtype != _F32 or V.dtype != _F32 or numel > _ADAM_CHUNK or numel > _FOREACH_NUMEL:
+            groups.append([k])
+            open_numel = None
+        elif open_numel is not None and open_numel + numel <= _FOREACH_NUMEL:
+            groups[-1].append(k)
+            open_numel += numel
+        else:
+            groups.append([k])
+            open_numel = numel
+    return groups
+
+
 @register("projected_adam_step_", "cpu", "cpu")
 def projected_adam_step_(
     params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
     residual_scale, rounding_seed=None, rounding_streams=None, rounding_offsets=None,
 ) -> None:  # fmt: skip
-    for layer, (W, grad, proj, M, V, step) in enumerate(zip(params, grads, projs, exp_avgs, exp_avg_sqs, steps)):
-        m, n = matrix_dims(W)
-        W2, G2 = W.view(m, n), grad.view(m, n)
-        Q = proj if proj.dtype == _F32 else proj.float()  # d x r: small
-        R = _down(Q, G2, side)
-        c_n, sqrt_bc2 = adam_coefficients(step, lr, beta1, beta2, scale)
+    c_r = lr * residual_scale
+    for group in _groups(exp_avgs, exp_avg_sqs):
+        views, Qs, Rs = [], [], []
+        for layer in group:
+            m, n = matrix_dims(params[layer])
+            W2, G2 = params[layer].view(m, n), grads[layer].view(m, n)
+            proj = projs[layer]
+            Q = proj if proj.dtype == _F32 else proj.float()  # d x r: small
+            views.append((W2, G2))
+            Qs.append(Q)
+            Rs.append(_down(Q, G2, side))
+        coefs = [adam_coefficients(steps[layer], lr, beta1, beta2, scale) for layer in group]
         # X = c_n N' + lr rs R, so that a W + b G + lift(X) is the whole update with b = -lr rs.
-        _adam_(R, M, V, beta1, beta2, eps, c_n, sqrt_bc2, lr * residual_scale)
-        rounding = None if rounding_seed is None else (rounding_seed, rounding_streams[layer])
-        offset = rounding_offsets[layer] if rounding_offsets is not None else 0
-        _lift_(W2, G2, Q, R, side, 1.0 - lr * weight_decay, -lr * residual_scale, rounding, offset)
+        if len(group) == 1 and (exp_avgs[group[0]].dtype != _F32 or Rs[0].numel() > _ADAM_CHUNK):
+            (c_n, sqrt_bc2), layer = coefs[0], group[0]
+            _adam_(Rs[0], exp_avgs[layer], exp_avg_sqs[layer], beta1, beta2, eps, c_n, sqrt_bc2, c_r)
+            Xs = Rs
+        else:
+            Ms, Vs = [exp_avgs[k] for k in group], [exp_avg_sqs[k] for k in group]
+            Xs = _adam_foreach_(Rs, Ms, Vs, beta1, beta2, eps, [c[0] for c in coefs], [c[1] for c in coefs], c_r)
+        for layer, (W2, G2), Q, X in zip(group, views, Qs, Xs):
+            rounding = None if rounding_seed is None else (rounding_seed, rounding_streams[layer])
+            offset = rounding_offsets[layer] if rounding_offsets is not None else 0
+            _lift_(W2, G2, Q, X, side, 1.0 - lr * weight_decay, -c_r, rounding, offset)
