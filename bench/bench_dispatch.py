@@ -213,8 +213,17 @@ class TimedClosure:
 
         self.fn = lambda: lm_loss(model, tokens)
         self.device, self.seconds = device, 0.0
+        self.marked = False  # inside a profiler range "closure" (forward and backward alike)
 
     def __call__(self):
+        if not self.marked:
+            return self._run()
+        from torch.profiler import record_function
+
+        with record_function("closure"):
+            return self._run()
+
+    def _run(self):
         common.sync(self.device)
         t0 = time.perf_counter()
         loss = self.fn()
@@ -242,20 +251,16 @@ def _op_calls(opt, closure) -> tuple[int, int, float]:
     """``lorenza_kernels`` op calls of one step made by the optimizer itself (outside the closure),
     those made inside the closure (exact probes perturb each parameter where it is read), and the
     milliseconds of the step spent inside the optimizer's ops (profiled)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
-    inner = closure.fn
-
-    def marked():
-        with record_function("closure"):
-            return inner()
-
-    closure.fn = marked
+    # The range covers the backward pass too: an exact probe's ascent regenerates its perturbed
+    # weights there, and those calls are the closure's (one per read), not the optimizer's.
+    closure.marked = True
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             opt.step(closure)
     finally:
-        closure.fn = inner
+        closure.marked = False
 
     def in_closure(e) -> bool:
         while e is not None:
@@ -297,7 +302,7 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
         adamw = _adamw_ms(model, closure, steps, device)
         a_q = common.quantiles(adamw)
         a_med = a_q[0]
-        report.add(f"{layers} layers", "AdamW(foreach).step", a_q, op_calls=0, lk_ms=0.0, x_adamw=1.0)
+        report.add(f"{layers} layers", "AdamW(foreach).step", a_q, op_calls=0, probe_calls=0, lk_ms=0.0, x_adamw=1.0)
         for name in names:
             model.load_state_dict(base)
             # update_interval beyond the measured steps: the refresh at step 1 is excluded below.
@@ -309,7 +314,8 @@ def step_rows(report: common.Report, device: str, quick: bool) -> None:
             calls, in_probe, kernel_ms = _op_calls(opt, closure)
             ms = _optimizer_ms(opt, closure, steps, device)
             q = common.quantiles(ms)
-            report.add(f"{layers} layers", name, q, op_calls=calls, lk_ms=kernel_ms, x_adamw=q[0] / a_med)
+            report.add(f"{layers} layers", name, q, op_calls=calls, probe_calls=in_probe, lk_ms=kernel_ms,
+                       x_adamw=q[0] / a_med)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
