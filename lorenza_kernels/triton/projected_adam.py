@@ -46,7 +46,7 @@ import triton.language as tl
 from .._registry import register
 from .._shapes import matrix_dims
 from ..reference.projected_adam import adam_coefficients
-from ._common import mma
+from ._common import device_guard, mma
 from ._env import DEVICE_TYPES, INTERPRET
 from .rng import rounding_word_at, stochastic_round
 from .seeded_ops import _round
@@ -238,12 +238,18 @@ def _blocks(down: bool) -> dict:
 
 
 @register("projected_adam_step_", "triton", DEVICE_TYPES)
-def projected_adam_step_(
+def projected_adam_step_(params, *args, **kwargs) -> None:
+    """Both launches on the tensors' device (Triton launches on the current one)."""
+    if not params:
+        return
+    with device_guard(params[0].device):
+        _projected_adam_step(params, *args, **kwargs)
+
+
+def _projected_adam_step(
     params, grads, projs, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, scale, side,
     residual_scale, rounding_seed=None, rounding_streams=None, rounding_offsets=None,
 ) -> None:  # fmt: skip
-    if not params:
-        return
     m, n = matrix_dims(params[0])
     if m * n == 0:  # then the moments are empty too: nothing to update
         return

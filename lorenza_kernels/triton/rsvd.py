@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._registry import register
+from ._common import device_guard
 from ._env import DEVICE_TYPES
 from .rng import philox_normals
 
@@ -122,10 +123,11 @@ def sketch_matrix_t(streams: list[int], k: int, n: int, seed: int, device: torch
         return out
     st = torch.tensor(streams, dtype=torch.int64, device=device)
     block = 256
-    for b0 in range(0, len(streams), _MAX_GRID_Y):
-        b1 = min(len(streams), b0 + _MAX_GRID_Y)
-        grid = (triton.cdiv(triton.cdiv(total, 4), block), b1 - b0)
-        _rsvd_omega_kernel[grid](out[b0:b1], st[b0:b1], seed, total, out.stride(0), BLOCK=block)
+    with device_guard(out.device):
+        for b0 in range(0, len(streams), _MAX_GRID_Y):
+            b1 = min(len(streams), b0 + _MAX_GRID_Y)
+            grid = (triton.cdiv(triton.cdiv(total, 4), block), b1 - b0)
+            _rsvd_omega_kernel[grid](out[b0:b1], st[b0:b1], seed, total, out.stride(0), BLOCK=block)
     return out
 
 
@@ -144,9 +146,10 @@ def rsvd_sketch(A: torch.Tensor, k: int, seed: int, streams: list[int]) -> torch
     block_m = 64
     block_c = 64 if k > 32 else max(16, triton.next_power_of_2(k))
     block_r = 64
-    for b0 in range(0, nb, _MAX_GRID_Y):  # the batch is grid axis 1 (at most 65535 programs)
-        b1 = min(nb, b0 + _MAX_GRID_Y)
-        _launch(A[b0:b1], y[b0:b1], st[b0:b1], seed, k, block_m, block_c, block_r)
+    with device_guard(A.device):
+        for b0 in range(0, nb, _MAX_GRID_Y):  # the batch is grid axis 1 (at most 65535 programs)
+            b1 = min(nb, b0 + _MAX_GRID_Y)
+            _launch(A[b0:b1], y[b0:b1], st[b0:b1], seed, k, block_m, block_c, block_r)
     return y
 
 
