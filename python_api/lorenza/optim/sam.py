@@ -26,6 +26,7 @@ so all ranks perturb alike and skip the same steps. The base optimizer sees the 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -157,28 +158,34 @@ class SAM(torch.optim.Optimizer):
         if not self._params_with_grad():
             raise RuntimeError("SAM.first_step: no parameter has a gradient; call loss.backward() first")
         _checks.dense_gradients(self, [p for p, _ in self._params_with_grad()])
-        grad_norm = self._grad_norm()
-        self._skip_pending = not is_finite(grad_norm)
+        # ||g|| on the host: the finiteness check synchronises anyway, and a Python scale lets the
+        # ascent be one fused `p += scale g` per list (no e = scale g temporaries).
+        grad_norm = float(self._grad_norm())
+        self._skip_pending = not math.isfinite(grad_norm)
         if self._skip_pending:
             self._skip("non-finite gradient in the first backward pass")
         else:
             for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                if not params:
+                live = [p for p in group["params"] if p.grad is not None]
+                if not live:
                     continue
                 scale = group["rho"] / (grad_norm + 1e-12)
-                for p in params:
-                    self.state[p]["old_p"] = p.detach().clone()
-                grads = [_sharding.local(p.grad) for p in params]
-                params = [_sharding.local(p) for p in params]
+                grads = [_sharding.local(p.grad) for p in live]
+                params = [_sharding.local(p) for p in live]
                 if group["adaptive"]:
                     grads = torch._foreach_mul(torch._foreach_pow(params, 2), grads)
-                by_dtype: dict[torch.dtype, list[int]] = {}
+                by_kind: dict[tuple, list[int]] = {}
                 for k, p in enumerate(params):
-                    by_dtype.setdefault(p.dtype, []).append(k)
-                for idx in by_dtype.values():  # e = g rho / ||g||, in the parameter's dtype
-                    e = torch._foreach_mul([grads[k] for k in idx], scale.to(params[idx[0]]))
-                    torch._foreach_add_([params[k] for k in idx], e)
+                    by_kind.setdefault((p.device, p.dtype), []).append(k)
+                for (device, dtype), idx in by_kind.items():
+                    # the copies to restore from: one buffer per device and dtype, one copy call
+                    sizes = [params[k].numel() for k in idx]
+                    flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+                    olds = [v.view(params[k].shape) for v, k in zip(flat.split(sizes), idx)]
+                    torch._foreach_copy_(olds, [params[k] for k in idx])
+                    for k, old in zip(idx, olds):
+                        self.state[live[k]]["old_p"] = old
+                    torch._foreach_add_([params[k] for k in idx], [grads[k] for k in idx], alpha=scale)
         if zero_grad:
             self.zero_grad()
 
