@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from _optim_common import run_on_gloo_ranks, single_thread  # noqa: F401
+from torch.distributed.tensor import Shard
 
 from lorenza.optim import SAM, AdaZoSAM, GaLoreAdamW, Loren, Lorenza, LorenzaPlus, MeZO, MeZOAdam, make_closure
-from lorenza.optim._sharding import shard_of
+from lorenza.optim._sharding import col_range, shard_of
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -177,8 +178,15 @@ def _rank_run(rank: int, world: int) -> dict:
     params, _, opt = train("mezo_adam", "exact", *mine, sharded=True, steps=1)
     st = next(iter(opt.state.values()))
     out["state_types"] = [type(st["exp_avg"]).__name__, type(opt.param_groups[0]["params"][0]).__name__]
+    # the r x n moments of a left-projected matrix (fc2, 6 x 10): this rank's columns only
+    _, _, opt = train("galore", "-", *mine, sharded=True, steps=1)
+    left = [st for p, st in opt.state.items() if "proj" in st and tuple(p.shape) == (6, 10)]
+    out["left_moments"] = [(tuple(st[k].to_local().shape), st[k].placements) for st in left for k in MOMENTS]
     out["refusals"] = _refusals()
     return out
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -202,6 +210,11 @@ def test_fsdp2_ranks_equal_one_process(world, tmp_path):
         for r in ranks:
             for a, b in zip(r[(name, "same")], single):
                 assert torch.equal(a, b), (name, (a - b).abs().max())
+    for rank, r in enumerate(ranks):
+        c0, c1 = col_range(10, world, rank)
+        assert len(r["left_moments"]) == 2 * len(MOMENTS)  # fc2 of both blocks
+        for shape, placements in r["left_moments"]:
+            assert shape == (2, c1 - c0) and placements == (Shard(1),), (rank, shape, placements)
     for r in ranks:
         assert r["state_types"] == ["DTensor", "DTensor"]  # state laid out like the parameter
         for name, msg in r["refusals"].items():

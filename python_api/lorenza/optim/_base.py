@@ -322,10 +322,11 @@ class SeededOptimizer(torch.optim.Optimizer):
             }
         self._global = dict(glob)
 
-    def _row_split(self, param: torch.Tensor, key: str, value: torch.Tensor, entry: dict) -> bool:
+    def _row_split(self, param: torch.Tensor, key: str, value: torch.Tensor, entry: dict) -> bool | str:
         """Whether the whole state tensor ``entry[key]`` of a parameter is split by rows like the
         parameter under FSDP2 (each rank keeping its rows, :func:`_sharding.shard_like`): here the
-        tensors of the parameter's shape (moments, LOREN's momentum and the ``a`` of a vector)."""
+        tensors of the parameter's shape (moments, LOREN's momentum and the ``a`` of a vector).
+        The low-rank optimizers may also answer ``"cols"`` (``_subspace.row_split``)."""
         return value.dim() > 0 and value.shape == param.shape
 
     def __getstate__(self) -> dict[str, Any]:

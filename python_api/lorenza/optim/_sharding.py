@@ -145,14 +145,22 @@ def sharded_like(full_shape: Sequence[int], loc: torch.Tensor, like: Any, dim: i
     return DTensor.from_local(loc, like.device_mesh, [Shard(dim)], run_check=False, shape=full_shape, stride=stride)
 
 
-def shard_like(value: torch.Tensor, param: Any, split: bool) -> torch.Tensor:
-    """A loaded state tensor for ``param``: with ``split`` (the optimizer's rule: a tensor laid out
-    by the parameter's rows), a whole tensor of a sharded parameter becomes this rank's rows of it,
-    as a DTensor on the parameter's mesh (a copy); anything else (a DTensor already, a whole vector
-    such as LOREN's ``a`` of a matrix, a scalar, the state of a plain parameter) is returned as is."""
+def shard_like(value: torch.Tensor, param: Any, split: bool | str) -> torch.Tensor:
+    """A loaded state tensor for ``param``: with ``split`` (the optimizer's rule: True for a tensor
+    laid out by the parameter's rows), a whole tensor of a sharded parameter becomes this rank's rows
+    of it, as a DTensor on the parameter's mesh (a copy); with ``split="cols"`` (the ``r x n``
+    moments of a left-projected matrix) this rank's columns (:func:`col_range`, ``Shard(1)``);
+    anything else (a DTensor already, a whole vector such as LOREN's ``a`` of a matrix, a scalar,
+    the state of a plain parameter) is returned as is."""
     info = shard_of(param)
     if not split or info is None or is_dtensor(value):
         return value
+    if split == "cols":
+        if value.dim() != 2:
+            raise ValueError(f"state_dict: a state tensor of shape {tuple(value.shape)} cannot be split by columns")
+        c0, c1 = col_range(value.shape[1], info.world, info.rank)
+        loc = value[:, c0:c1].clone(memory_format=torch.contiguous_format)
+        return sharded_like(value.shape, loc, param, dim=1)
     if value.dim() == 0 or value.shape[0] != (info.shape[0] if len(info.shape) else 1):
         raise ValueError(
             f"state_dict: a state tensor of shape {tuple(value.shape)} cannot be split by the rows of a "

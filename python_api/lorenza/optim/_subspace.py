@@ -157,14 +157,17 @@ def refresh_bases(
     return [Q if Q.is_contiguous() else Q.contiguous() for Q in bases]
 
 
-def row_split(param: torch.Tensor, key: str, entry: dict) -> bool | None:
-    """Which state tensors of a projected parameter follow its rows under FSDP2 (the optimizers'
-    ``_row_split``): those of ``R = G Q`` (right side) or of ``Q`` (left side); None for a dense
-    parameter (no ``proj``: the base rule)."""
+def row_split(param: torch.Tensor, key: str, entry: dict) -> bool | str | None:
+    """How the state tensors of a projected parameter are split under FSDP2 (the optimizers'
+    ``_row_split``): by the parameter's rows (True) those of ``R = G Q`` (right side) and ``Q``
+    (left side); by columns (``"cols"``) the ``r x n`` moments of the left side; the rest is whole
+    (False). None for a dense parameter (no ``proj``: the base rule)."""
     if "proj" not in entry:
         return None
     side = lk.projection_side(*lk.matrix_dims(param))
-    return key == "proj" if side == "left" else key in ("exp_avg", "exp_avg_sq", "factor")
+    if side == "left":
+        return True if key == "proj" else "cols" if key in ("exp_avg", "exp_avg_sq") else False
+    return key in ("exp_avg", "exp_avg_sq", "factor")
 
 
 class Subspace:
@@ -283,13 +286,16 @@ class Subspace:
                     st["factor"] = _sharding.sharded_like((lay.m, lay.rank), st["factor"], slot.param)
             if "proj" not in st:
                 st["step"], st["updates"], st["refreshes"] = 0, 0, 0
-                shape = lay.moment_shape
+                shape, dim = lay.moment_shape, 0
                 if info is not None and lay.side == "right":  # R = G Q: this rank's rows of R
                     shape = (info.local.shape[0], lay.rank)
+                elif info is not None:  # R = Q^T G (r x n): this rank's columns
+                    c0, c1 = _sharding.col_range(lay.n, info.world, info.rank)
+                    shape, dim = (lay.rank, c1 - c0), 1
                 for key in ("exp_avg", "exp_avg_sq"):
                     st[key] = torch.zeros(shape, dtype=torch.float32, device=slot.param.device)
-                    if info is not None and lay.side == "right":
-                        st[key] = _sharding.sharded_like(lay.moment_shape, st[key], slot.param)
+                    if info is not None:
+                        st[key] = _sharding.sharded_like(lay.moment_shape, st[key], slot.param, dim=dim)
             elif info is not None and moment_transform != "keep":
                 Subspace._sharded_transform(st, lay, Q, info, moment_transform)
             elif moment_transform != "keep":
@@ -332,7 +338,7 @@ class Subspace:
         """The moment transform of a row-sharded matrix's refresh (``moment_transform_``'s reference
         arithmetic): ``O = Q_new^T Q_old`` is whole from whole right bases, and a sum over the ranks
         (one ``r x r`` all-reduce) from the rows of left bases; the right moments are this rank's
-        rows, the left ones whole."""
+        rows, the left ones this rank's columns (``O`` mixes rows only)."""
         M, V = _sharding.local(st["exp_avg"]), _sharding.local(st["exp_avg_sq"])
         if mode == "reset":
             M.zero_()
@@ -354,9 +360,12 @@ class Subspace:
     ) -> None:
         """The projected Adam step of row-sharded parameters (one shape, side and group): the right
         side is the fused kernel on each rank's rows (``R = G Q`` has the gradient's rows); the left
-        side needs ``R = Q^T G``, a sum over the ranks (one all-reduce of every ``r x n`` of the
-        bucket), then Adam on the whole ``R`` (moments ``r x n`` on every rank) and each rank's
-        rows of ``Q N``: the reference's arithmetic (``lorenza_kernels/reference/projected_adam.py``)."""
+        side needs ``R = Q^T G``, a sum over the ranks: one reduce-scatter of every ``r x n`` of the
+        bucket leaves each rank the columns of ``R`` whose moments it keeps (``col_range``), Adam
+        there, then one all-gather of the Adam directions ``N`` (and of ``R`` with a residual) gives
+        every rank its rows of ``Q N``: the reference's arithmetic
+        (``lorenza_kernels/reference/projected_adam.py``), with the same traffic as an all-reduce
+        of ``R`` and the moments split over the ranks."""
         group = slots[0].group
         beta1, beta2 = (float(b) for b in group["betas"])
         lr, wd = float(group["lr"]), float(group["weight_decay"])
@@ -376,16 +385,20 @@ class Subspace:
             return
         G = [g.reshape(-1, lay.n).float() for g in grads]
         Q = [loc(st["proj"]).float() for st in states]
-        R = torch.cat([(q.mT @ g).reshape(-1) for q, g in zip(Q, G)])
-        _sharding.all_reduce_(R, slots[0].shard.group)
-        R = list(R.view(len(slots), lay.rank, lay.n).unbind(0))
-        work, writes = [], []
-        for s, st, q, g, r in zip(slots, states, Q, G, R):
-            M, V = st["exp_avg"], st["exp_avg_sq"]
+        group = slots[0].shard.group
+        R_cols = _sharding.reduce_scatter_cols([q.mT @ g for q, g in zip(Q, G)], group)
+        N_cols = []
+        for st, r in zip(states, R_cols):
+            M, V = loc(st["exp_avg"]), loc(st["exp_avg_sq"])
             M.lerp_(r, 1.0 - beta1)
             V.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
             bc1, bc2 = 1.0 - beta1 ** st["step"], 1.0 - beta2 ** st["step"]
-            N = (M / bc1) / (V.sqrt() / bc2**0.5 + eps)
+            N_cols.append((M / bc1) / (V.sqrt() / bc2**0.5 + eps))
+        wanted = N_cols + (R_cols if rscale != 0.0 else [])
+        full = _sharding.all_gather_cols(wanted, [lay.n] * len(wanted), group)
+        Ns, Rs = full[: len(slots)], full[len(slots) :] or [None] * len(slots)
+        work, writes = [], []
+        for s, q, g, N, r in zip(slots, Q, G, Ns, Rs):
             W = s.data.reshape(-1, lay.n)
             W32 = W.float() if W.dtype != torch.float32 else W
             W32.mul_(1.0 - lr * wd)

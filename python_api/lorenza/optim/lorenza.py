@@ -155,7 +155,7 @@ class Lorenza(AdaZoSAM):
         super().__setstate__(state)
         self._subspace = Subspace(self)
 
-    def _row_split(self, param: torch.Tensor, key: str, value: torch.Tensor, entry: dict) -> bool:
+    def _row_split(self, param: torch.Tensor, key: str, value: torch.Tensor, entry: dict) -> bool | str:
         split = row_split(param, key, entry)
         return super()._row_split(param, key, value, entry) if split is None else split
 
