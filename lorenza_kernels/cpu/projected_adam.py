@@ -158,22 +158,23 @@ def _adam_foreach_(Rs, Ms, Vs, beta1, beta2, eps, c_ns, sqrt_bc2s, c_r) -> list[
     return X
 
 
-def _groups(exp_avgs, exp_avg_sqs) -> list[list[int]]:
-    """Consecutive layers in groups: a layer alone (the chunked epilogue) unless its moments are
-    float32 and fit in one chunk; such small layers together up to ``_FOREACH_NUMEL`` elements."""
-    groups: list[list[int]] = []
+def _groups(exp_avgs, exp_avg_sqs) -> list[tuple[list[int], bool]]:
+    """Consecutive layers in groups, each with whether its epilogue is the foreach one: a layer
+    alone and chunked unless its moments are float32 and fit in one chunk; such small layers
+    together up to ``_FOREACH_NUMEL`` elements (a small layer beyond that bound: alone, foreach)."""
+    groups: list[tuple[list[int], bool]] = []
     open_numel = None  # numel of the open group of small layers, None when there is none
     for k, (M, V) in enumerate(zip(exp_avgs, exp_avg_sqs)):
         numel = M.numel()
-        if M.dtype != _F32 or V.dtype != _F32 or numel > _ADAM_CHUNK or numel > _FOREACH_NUMEL:
-            groups.append([k])
+        if M.dtype != _F32 or V.dtype != _F32 or numel > _ADAM_CHUNK:
+            groups.append(([k], False))
             open_numel = None
         elif open_numel is not None and open_numel + numel <= _FOREACH_NUMEL:
-            groups[-1].append(k)
+            groups[-1][0].append(k)
             open_numel += numel
         else:
-            groups.append([k])
-            open_numel = numel
+            groups.append(([k], True))
+            open_numel = numel if numel <= _FOREACH_NUMEL else None
     return groups
 
 
@@ -183,7 +184,7 @@ def projected_adam_step_(
     residual_scale, rounding_seed=None, rounding_streams=None, rounding_offsets=None,
 ) -> None:  # fmt: skip
     c_r = lr * residual_scale
-    for group in _groups(exp_avgs, exp_avg_sqs):
+    for group, foreach in _groups(exp_avgs, exp_avg_sqs):
         views, Qs, Rs = [], [], []
         for layer in group:
             m, n = matrix_dims(params[layer])
@@ -195,13 +196,13 @@ def projected_adam_step_(
             Rs.append(_down(Q, G2, side))
         coefs = [adam_coefficients(steps[layer], lr, beta1, beta2, scale) for layer in group]
         # X = c_n N' + lr rs R, so that a W + b G + lift(X) is the whole update with b = -lr rs.
-        if len(group) == 1 and (exp_avgs[group[0]].dtype != _F32 or Rs[0].numel() > _ADAM_CHUNK):
+        if foreach:
+            Ms, Vs = [exp_avgs[k] for k in group], [exp_avg_sqs[k] for k in group]
+            Xs = _adam_foreach_(Rs, Ms, Vs, beta1, beta2, eps, [c[0] for c in coefs], [c[1] for c in coefs], c_r)
+        else:
             (c_n, sqrt_bc2), layer = coefs[0], group[0]
             _adam_(Rs[0], exp_avgs[layer], exp_avg_sqs[layer], beta1, beta2, eps, c_n, sqrt_bc2, c_r)
             Xs = Rs
-        else:
-            Ms, Vs = [exp_avgs[k] for k in group], [exp_avg_sqs[k] for k in group]
-            Xs = _adam_foreach_(Rs, Ms, Vs, beta1, beta2, eps, [c[0] for c in coefs], [c[1] for c in coefs], c_r)
         for layer, (W2, G2), Q, X in zip(group, views, Qs, Xs):
             rounding = None if rounding_seed is None else (rounding_seed, rounding_streams[layer])
             offset = rounding_offsets[layer] if rounding_offsets is not None else 0
