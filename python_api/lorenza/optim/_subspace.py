@@ -385,8 +385,8 @@ class Subspace:
             return
         G = [g.reshape(-1, lay.n).float() for g in grads]
         Q = [loc(st["proj"]).float() for st in states]
-        group = slots[0].shard.group
-        R_cols = _sharding.reduce_scatter_cols([q.mT @ g for q, g in zip(Q, G)], group)
+        ranks = slots[0].shard.group  # the process group (``group`` above is the parameter group)
+        R_cols = _sharding.reduce_scatter_cols([q.mT @ g for q, g in zip(Q, G)], ranks)
         N_cols = []
         for st, r in zip(states, R_cols):
             M, V = loc(st["exp_avg"]), loc(st["exp_avg_sq"])
@@ -395,7 +395,7 @@ class Subspace:
             bc1, bc2 = 1.0 - beta1 ** st["step"], 1.0 - beta2 ** st["step"]
             N_cols.append((M / bc1) / (V.sqrt() / bc2**0.5 + eps))
         wanted = N_cols + (R_cols if rscale != 0.0 else [])
-        full = _sharding.all_gather_cols(wanted, [lay.n] * len(wanted), group)
+        full = _sharding.all_gather_cols(wanted, [lay.n] * len(wanted), ranks)
         Ns, Rs = full[: len(slots)], full[len(slots) :] or [None] * len(slots)
         work, writes = [], []
         for s, q, g, N, r in zip(slots, Q, G, Ns, Rs):
